@@ -1,0 +1,244 @@
+//! Job lifecycle events: what subscribers hear about a job.
+//!
+//! Each is published as a [`CloudEvent`](crate::CloudEvent) on
+//! `darkroom.events.<job>.<kind>` (see [`crate::subjects::lifecycle_subject`]), with a
+//! deterministic id so a redelivered job never yields a second, different `completed`.
+
+use std::fmt;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::cloudevent::EventData;
+use crate::job::{JobId, ObjectRef};
+
+/// The stage of the pipeline an event or failure comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// S3 event adapter and reconciler.
+    Ingest,
+    /// Fetch, validate, frame, resize, control maps.
+    Preprocess,
+    /// GPU rendering.
+    Inference,
+    /// Fan-out to subjects and webhooks.
+    Notifier,
+}
+
+impl Stage {
+    /// The stage's name as used in subjects and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Ingest => "ingest",
+            Stage::Preprocess => "preprocess",
+            Stage::Inference => "inference",
+            Stage::Notifier => "notifier",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Machine-readable reason of a failure; clients switch on it, people read `message`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The message was not a valid event (bad JSON, wrong shape, wrong type).
+    InvalidEvent,
+    /// The uploaded object no longer exists.
+    ObjectNotFound,
+    /// The upload is not an image format Darkroom accepts (sniffed, not by extension).
+    UnsupportedFormat,
+    /// The image or file exceeds a size or pixel limit.
+    LimitExceeded,
+    /// The image could not be decoded.
+    DecodeFailed,
+    /// The preset named by the upload does not exist.
+    UnknownPreset,
+    /// The preset needs a face and none was found.
+    NoFaceFound,
+    /// A model file is missing or invalid.
+    ModelError,
+    /// A stage ran past its deadline.
+    Timeout,
+    /// Transient errors persisted through every allowed delivery.
+    MaxDeliveriesExceeded,
+    /// The job was cancelled.
+    Cancelled,
+    /// A bug or an unexpected condition; the message says more.
+    Internal,
+}
+
+/// Lifecycle event kinds, the last token of their subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleKind {
+    /// Accepted and waiting for a GPU.
+    Queued,
+    /// A GPU worker picked it up.
+    Started,
+    /// A denoising step finished.
+    Progress,
+    /// The result is stored.
+    Completed,
+    /// The job failed for good.
+    Failed,
+}
+
+impl LifecycleKind {
+    /// The subject token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleKind::Queued => "queued",
+            LifecycleKind::Started => "started",
+            LifecycleKind::Progress => "progress",
+            LifecycleKind::Completed => "completed",
+            LifecycleKind::Failed => "failed",
+        }
+    }
+}
+
+/// A lifecycle event payload.
+pub trait LifecycleEvent: EventData {
+    /// Which kind it is.
+    const KIND: LifecycleKind;
+
+    /// The job it is about.
+    fn job_id(&self) -> JobId;
+
+    /// Label that makes the event's deterministic id unique within its job.
+    fn dedup_label(&self) -> String {
+        Self::KIND.as_str().to_owned()
+    }
+}
+
+/// The job was accepted and is waiting for a GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JobQueued {
+    /// The job.
+    pub job_id: JobId,
+    /// The upload.
+    pub source: ObjectRef,
+    /// The preset it will be rendered with.
+    pub preset: String,
+}
+
+/// A GPU worker started the job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JobStarted {
+    /// The job.
+    pub job_id: JobId,
+    /// Name of the worker.
+    pub worker: String,
+    /// Delivery attempt, from 1.
+    pub attempt: u32,
+}
+
+/// Rendering progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JobProgress {
+    /// The job.
+    pub job_id: JobId,
+    /// Steps done.
+    pub step: u32,
+    /// Steps in all.
+    pub total_steps: u32,
+}
+
+/// The result is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JobCompleted {
+    /// The job.
+    pub job_id: JobId,
+    /// The upload.
+    pub source: ObjectRef,
+    /// The preset used.
+    pub preset: String,
+    /// The result image (`outputs/<job>/result.png`).
+    pub result: ObjectRef,
+    /// Metadata of the render (`outputs/<job>/metadata.json`).
+    pub metadata: ObjectRef,
+    /// Time from upload event to completion, in milliseconds.
+    pub total_ms: u64,
+    /// Time spent rendering, in milliseconds.
+    pub inference_ms: u64,
+}
+
+/// The job failed for good; it will not be retried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct JobFailed {
+    /// The job.
+    pub job_id: JobId,
+    /// Where it failed.
+    pub stage: Stage,
+    /// Why, machine-readable.
+    pub reason: FailureReason,
+    /// Why, for people.
+    pub message: String,
+    /// Deliveries made before giving up.
+    pub attempts: u32,
+    /// The upload, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ObjectRef>,
+}
+
+macro_rules! lifecycle_event {
+    ($ty:ty, $type_name:literal, $schema:literal) => {
+        impl EventData for $ty {
+            const TYPE: &'static str = $type_name;
+            const SCHEMA_NAME: &'static str = $schema;
+        }
+    };
+}
+
+lifecycle_event!(JobQueued, "studio.darkroom.job.queued.v1", "job-queued");
+lifecycle_event!(JobStarted, "studio.darkroom.job.started.v1", "job-started");
+lifecycle_event!(JobProgress, "studio.darkroom.job.progress.v1", "job-progress");
+lifecycle_event!(JobCompleted, "studio.darkroom.job.completed.v1", "job-completed");
+lifecycle_event!(JobFailed, "studio.darkroom.job.failed.v1", "job-failed");
+
+impl LifecycleEvent for JobQueued {
+    const KIND: LifecycleKind = LifecycleKind::Queued;
+    fn job_id(&self) -> JobId {
+        self.job_id
+    }
+}
+
+impl LifecycleEvent for JobStarted {
+    const KIND: LifecycleKind = LifecycleKind::Started;
+    fn job_id(&self) -> JobId {
+        self.job_id
+    }
+    fn dedup_label(&self) -> String {
+        format!("started.{}", self.attempt)
+    }
+}
+
+impl LifecycleEvent for JobProgress {
+    const KIND: LifecycleKind = LifecycleKind::Progress;
+    fn job_id(&self) -> JobId {
+        self.job_id
+    }
+    fn dedup_label(&self) -> String {
+        format!("progress.{}", self.step)
+    }
+}
+
+impl LifecycleEvent for JobCompleted {
+    const KIND: LifecycleKind = LifecycleKind::Completed;
+    fn job_id(&self) -> JobId {
+        self.job_id
+    }
+}
+
+impl LifecycleEvent for JobFailed {
+    const KIND: LifecycleKind = LifecycleKind::Failed;
+    fn job_id(&self) -> JobId {
+        self.job_id
+    }
+}
