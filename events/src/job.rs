@@ -135,6 +135,7 @@ impl EventData for InferenceJob {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -198,8 +198,16 @@ macro_rules! lifecycle_event {
 
 lifecycle_event!(JobQueued, "studio.darkroom.job.queued.v1", "job-queued");
 lifecycle_event!(JobStarted, "studio.darkroom.job.started.v1", "job-started");
-lifecycle_event!(JobProgress, "studio.darkroom.job.progress.v1", "job-progress");
-lifecycle_event!(JobCompleted, "studio.darkroom.job.completed.v1", "job-completed");
+lifecycle_event!(
+    JobProgress,
+    "studio.darkroom.job.progress.v1",
+    "job-progress"
+);
+lifecycle_event!(
+    JobCompleted,
+    "studio.darkroom.job.completed.v1",
+    "job-completed"
+);
 lifecycle_event!(JobFailed, "studio.darkroom.job.failed.v1", "job-failed");
 
 impl LifecycleEvent for JobQueued {

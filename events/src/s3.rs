@@ -84,7 +84,10 @@ pub struct S3EventRecord {
 impl S3EventRecord {
     /// Whether this record announces a new object (any `ObjectCreated:*` event).
     pub fn is_object_created(&self) -> bool {
-        let name = self.event_name.strip_prefix("s3:").unwrap_or(&self.event_name);
+        let name = self
+            .event_name
+            .strip_prefix("s3:")
+            .unwrap_or(&self.event_name);
         name.starts_with("ObjectCreated:")
     }
 
@@ -238,6 +241,7 @@ pub fn normalize_etag(etag: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -274,7 +278,10 @@ mod tests {
             assert!(!encoded.contains(' '), "{encoded}");
             assert_eq!(decode_key(&encoded).unwrap(), key);
         }
-        assert_eq!(encode_key("inbox/red flower+1.jpg"), "inbox/red+flower%2B1.jpg");
+        assert_eq!(
+            encode_key("inbox/red flower+1.jpg"),
+            "inbox/red+flower%2B1.jpg"
+        );
     }
 
     #[test]
@@ -295,7 +302,10 @@ mod tests {
             parse_s3_message(b"{\"hello\":1}"),
             Err(EventError::NotS3Notification(_))
         ));
-        assert!(matches!(parse_s3_message(b"not json"), Err(EventError::Json(_))));
+        assert!(matches!(
+            parse_s3_message(b"not json"),
+            Err(EventError::Json(_))
+        ));
         assert!(matches!(
             parse_s3_message(b"{\"Records\":[{\"eventName\":1}]}"),
             Err(EventError::Json(_))
