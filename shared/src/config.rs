@@ -1,0 +1,145 @@
+//! Configuration: plain serde structs, defaults in code, overridden by an optional TOML file
+//! (path in `DARKROOM_CONFIG`) and then by `DARKROOM_<FIELD>` environment variables.
+//!
+//! A function's own settings live in its own struct that flattens [`RuntimeConfig`]:
+//!
+//! ```
+//! #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+//! #[serde(default)]
+//! struct IngestConfig {
+//!     #[serde(flatten)]
+//!     runtime: darkroom_shared::RuntimeConfig,
+//!     /// Read from DARKROOM_INGEST_LISTEN.
+//!     ingest_listen: String,
+//! }
+//! let config: IngestConfig = darkroom_shared::config::load().unwrap();
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, RuntimeError};
+
+/// Environment variable naming an optional TOML config file.
+pub const CONFIG_FILE_VAR: &str = "DARKROOM_CONFIG";
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "DARKROOM_";
+
+/// Settings every function shares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RuntimeConfig {
+    /// NATS server URL(s), comma-separated (`DARKROOM_NATS_URL`, default `nats://127.0.0.1:4222`).
+    pub nats_url: String,
+    /// NATS credentials file (`.creds`, JWT + NKey) for decentralised auth.
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user, with [`Self::nats_password`].
+    pub nats_user: Option<String>,
+    /// NATS password.
+    pub nats_password: Option<String>,
+    /// NATS token.
+    pub nats_token: Option<String>,
+    /// S3 endpoint for non-AWS servers (`http://127.0.0.1:8333`); unset on AWS.
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default `us-east-1`).
+    pub s3_region: String,
+    /// Path-style addressing (`endpoint/bucket/key`); default: on when an endpoint is set.
+    pub s3_force_path_style: Option<bool>,
+    /// The bucket Darkroom watches and writes to (default `darkroom`).
+    pub bucket: String,
+    /// Log format: `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// Log filter in `tracing` `EnvFilter` syntax (default `info`; `RUST_LOG` wins when set).
+    pub log_filter: String,
+    /// Address to serve Prometheus metrics on (`/metrics`); none by default.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            nats_creds: None,
+            nats_user: None,
+            nats_password: None,
+            nats_token: None,
+            s3_endpoint: None,
+            s3_region: "us-east-1".to_owned(),
+            s3_force_path_style: None,
+            bucket: "darkroom".to_owned(),
+            log_format: LogFormat::Text,
+            log_filter: "info".to_owned(),
+            metrics_addr: None,
+        }
+    }
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Loads `T` from its defaults, the file named by `DARKROOM_CONFIG` and `DARKROOM_*` variables.
+pub fn load<T: Serialize + DeserializeOwned + Default>() -> Result<T> {
+    figment::<T>().extract().map_err(|e| RuntimeError::Config(Box::new(e)))
+}
+
+/// The layered sources behind [`load`], for callers that add their own.
+pub fn figment<T: Serialize + Default>() -> Figment {
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = std::env::var_os(CONFIG_FILE_VAR) {
+        figment = figment.merge(Toml::file_exact(PathBuf::from(path)));
+    }
+    figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("darkroom.toml", "bucket = \"from-file\"\ns3_region = \"eu-west-1\"")?;
+            jail.set_env("DARKROOM_CONFIG", "darkroom.toml");
+            jail.set_env("DARKROOM_BUCKET", "from-env");
+            jail.set_env("DARKROOM_METRICS_ADDR", "127.0.0.1:9464");
+            let config: RuntimeConfig = load().unwrap();
+            assert_eq!(config.bucket, "from-env");
+            assert_eq!(config.s3_region, "eu-west-1");
+            assert_eq!(config.nats_url, "nats://127.0.0.1:4222");
+            assert_eq!(config.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_names_the_field() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DARKROOM_LOG_FORMAT", "xml");
+            let error = load::<RuntimeConfig>().unwrap_err().to_string();
+            assert!(error.contains("LOG_FORMAT"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DARKROOM_CONFIG", "nope.toml");
+            assert!(load::<RuntimeConfig>().is_err());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,75 @@
+//! The small runtime every Darkroom function stands on.
+//!
+//! - [`config`]: settings from the environment (`DARKROOM_*`) and an optional TOML file;
+//! - [`nats`] and [`topology`]: the connection and every stream, consumer and KV bucket,
+//!   ensured idempotently;
+//! - [`s3`]: an S3 client for AWS or any endpoint (path style);
+//! - [`handler`]: what a function implements, and how its errors map to acknowledgements;
+//! - [`consumer`]: the JetStream pull loop that drives a handler;
+//! - [`lambda`]: the same handler on AWS Lambda;
+//! - [`publish`]: lifecycle events and dead letters;
+//! - [`jobs`]: job records in the jobs KV bucket;
+//! - [`telemetry`]: logs, W3C trace context and Prometheus metrics.
+
+pub mod config;
+pub mod consumer;
+pub mod handler;
+pub mod jobs;
+pub mod lambda;
+pub mod nats;
+pub mod publish;
+pub mod s3;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topology;
+
+pub use config::RuntimeConfig;
+pub use handler::{Delivery, ErrorClass, Handler, HandlerError, JobContext};
+
+/// Errors of the runtime itself (as opposed to a handler's errors, see [`HandlerError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Configuration could not be read or is invalid.
+    #[error("configuration: {0}")]
+    Config(#[from] Box<figment::Error>),
+    /// Connecting to NATS failed.
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect {
+        /// The server URL.
+        url: String,
+        /// What the client said.
+        message: String,
+    },
+    /// A JetStream request (stream, consumer, KV, publish) failed.
+    #[error("JetStream {operation}: {message}")]
+    JetStream {
+        /// What was being done.
+        operation: String,
+        /// What the server or client said.
+        message: String,
+    },
+    /// A job record in the KV bucket is not valid JSON of the expected shape.
+    #[error("job record {key}: {source}")]
+    CorruptRecord {
+        /// The KV key.
+        key: String,
+        /// The decoding error.
+        source: serde_json::Error,
+    },
+    /// Metrics or telemetry could not be set up.
+    #[error("telemetry: {0}")]
+    Telemetry(String),
+}
+
+impl RuntimeError {
+    /// Wraps a JetStream client error with what was being done.
+    pub fn jetstream(operation: impl Into<String>, error: impl std::fmt::Display) -> Self {
+        RuntimeError::JetStream {
+            operation: operation.into(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -1,0 +1,23 @@
+//! The S3 client: AWS, or any S3-compatible server at a custom endpoint.
+
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::Region;
+
+use crate::RuntimeConfig;
+
+/// Builds an S3 client from the configuration and the usual AWS credential chain
+/// (environment, profile, web identity, container and instance metadata).
+pub async fn client(config: &RuntimeConfig) -> aws_sdk_s3::Client {
+    let shared = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(config.s3_region.clone()))
+        .load()
+        .await;
+    let mut builder = aws_sdk_s3::config::Builder::from(&shared);
+    if let Some(endpoint) = &config.s3_endpoint {
+        builder = builder.endpoint_url(endpoint);
+    }
+    let path_style = config
+        .s3_force_path_style
+        .unwrap_or(config.s3_endpoint.is_some());
+    aws_sdk_s3::Client::from_conf(builder.force_path_style(path_style).build())
+}

@@ -1,0 +1,187 @@
+//! Every stream, consumer and KV bucket Darkroom uses, declared in one place.
+//!
+//! [`Topology::ensure`] creates what is missing and updates what differs, so functions call it at
+//! start-up and the deploy tooling calls it on every rollout; running it twice changes nothing.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use darkroom_events::subjects::{self, consumers};
+
+use crate::{Result, RuntimeError};
+
+/// Sizes and timings of the topology. `Default` is the production shape on one server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    /// Replicas of every stream and bucket (3 on a cluster).
+    pub replicas: usize,
+    /// JetStream de-duplication window for `Nats-Msg-Id` (default 2 min).
+    pub duplicate_window: Duration,
+    /// How long upload notifications are kept (default 7 days).
+    pub uploads_max_age: Duration,
+    /// How long lifecycle events are kept (default 7 days).
+    pub events_max_age: Duration,
+    /// How long dead letters are kept (default 30 days).
+    pub dlq_max_age: Duration,
+    /// How long job records are kept (default 30 days).
+    pub jobs_kv_max_age: Duration,
+    /// Time a consumer has to ack before redelivery; workers send in-progress acks every third
+    /// of it (default 60 s).
+    pub ack_wait: Duration,
+    /// Deliveries before a message is dead-lettered (default 5).
+    pub max_deliver: i64,
+    /// Messages the inference consumer hands out at once: one per GPU slot (default 1).
+    pub inference_max_ack_pending: i64,
+    /// Messages preprocess and notifier may have in flight (default 64).
+    pub cpu_max_ack_pending: i64,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+        Topology {
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            uploads_max_age: 7 * DAY,
+            events_max_age: 7 * DAY,
+            dlq_max_age: 30 * DAY,
+            jobs_kv_max_age: 30 * DAY,
+            ack_wait: Duration::from_secs(60),
+            max_deliver: 5,
+            inference_max_ack_pending: 1,
+            cpu_max_ack_pending: 64,
+        }
+    }
+}
+
+impl Topology {
+    /// The uploads stream: S3 notifications, limits retention.
+    pub fn uploads_stream(&self) -> stream::Config {
+        self.stream(
+            subjects::UPLOADS_STREAM,
+            subjects::UPLOADS_SUBJECTS,
+            self.uploads_max_age,
+            stream::RetentionPolicy::Limits,
+        )
+    }
+
+    /// The jobs stream: work queue, each job consumed once.
+    pub fn jobs_stream(&self) -> stream::Config {
+        self.stream(
+            subjects::JOBS_STREAM,
+            subjects::JOBS_SUBJECTS,
+            Duration::ZERO,
+            stream::RetentionPolicy::WorkQueue,
+        )
+    }
+
+    /// The lifecycle events stream.
+    pub fn events_stream(&self) -> stream::Config {
+        self.stream(
+            subjects::EVENTS_STREAM,
+            subjects::EVENTS_SUBJECTS,
+            self.events_max_age,
+            stream::RetentionPolicy::Limits,
+        )
+    }
+
+    /// The dead-letter stream.
+    pub fn dlq_stream(&self) -> stream::Config {
+        self.stream(
+            subjects::DLQ_STREAM,
+            subjects::DLQ_SUBJECTS,
+            self.dlq_max_age,
+            stream::RetentionPolicy::Limits,
+        )
+    }
+
+    /// The jobs KV bucket.
+    pub fn jobs_kv(&self) -> kv::Config {
+        kv::Config {
+            bucket: subjects::JOBS_KV.to_owned(),
+            description: "Darkroom job records, keyed by job id".to_owned(),
+            history: 1,
+            max_age: self.jobs_kv_max_age,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            ..Default::default()
+        }
+    }
+
+    /// The durable pull consumers: `(stream, config)` pairs.
+    pub fn consumers(&self) -> Vec<(&'static str, consumer::pull::Config)> {
+        vec![
+            (
+                subjects::UPLOADS_STREAM,
+                self.consumer(consumers::PREPROCESS, self.cpu_max_ack_pending),
+            ),
+            (
+                subjects::JOBS_STREAM,
+                self.consumer(consumers::INFERENCE, self.inference_max_ack_pending),
+            ),
+            (
+                subjects::EVENTS_STREAM,
+                self.consumer(consumers::NOTIFIER, self.cpu_max_ack_pending),
+            ),
+        ]
+    }
+
+    /// Creates or updates every stream, consumer and the KV bucket.
+    pub async fn ensure(&self, js: &jetstream::Context) -> Result<()> {
+        for config in [
+            self.uploads_stream(),
+            self.jobs_stream(),
+            self.events_stream(),
+            self.dlq_stream(),
+        ] {
+            let name = config.name.clone();
+            js.create_or_update_stream(config)
+                .await
+                .map_err(|e| RuntimeError::jetstream(format!("ensure stream {name}"), e))?;
+        }
+        js.create_or_update_key_value(self.jobs_kv())
+            .await
+            .map_err(|e| RuntimeError::jetstream(format!("ensure KV {}", subjects::JOBS_KV), e))?;
+        for (stream, config) in self.consumers() {
+            let name = config.durable_name.clone().unwrap_or_default();
+            js.create_consumer_on_stream(config, stream)
+                .await
+                .map_err(|e| {
+                    RuntimeError::jetstream(format!("ensure consumer {stream}/{name}"), e)
+                })?;
+        }
+        Ok(())
+    }
+
+    fn stream(
+        &self,
+        name: &str,
+        subjects: &str,
+        max_age: Duration,
+        retention: stream::RetentionPolicy,
+    ) -> stream::Config {
+        stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subjects.to_owned()],
+            retention,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: self.duplicate_window,
+            ..Default::default()
+        }
+    }
+
+    fn consumer(&self, name: &str, max_ack_pending: i64) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            max_ack_pending,
+            // Batch 1 from the client side too: no message waits in a buffer while its AckWait runs.
+            max_batch: 1,
+            ..Default::default()
+        }
+    }
+}
