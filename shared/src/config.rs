@@ -54,7 +54,8 @@ pub struct RuntimeConfig {
     pub bucket: String,
     /// Log format: `text` (default) or `json`.
     pub log_format: LogFormat,
-    /// Log filter in `tracing` `EnvFilter` syntax (default `info`; `RUST_LOG` wins when set).
+    /// Log filter in `tracing` `EnvFilter` syntax (default `info,async_nats=warn`;
+    /// `RUST_LOG` wins when set).
     pub log_filter: String,
     /// Address to serve Prometheus metrics on (`/metrics`); none by default.
     pub metrics_addr: Option<SocketAddr>,
@@ -73,7 +74,7 @@ impl Default for RuntimeConfig {
             s3_force_path_style: None,
             bucket: "darkroom".to_owned(),
             log_format: LogFormat::Text,
-            log_filter: "info".to_owned(),
+            log_filter: "info,async_nats=warn".to_owned(),
             metrics_addr: None,
         }
     }
@@ -91,7 +92,9 @@ pub enum LogFormat {
 
 /// Loads `T` from its defaults, the file named by `DARKROOM_CONFIG` and `DARKROOM_*` variables.
 pub fn load<T: Serialize + DeserializeOwned + Default>() -> Result<T> {
-    figment::<T>().extract().map_err(|e| RuntimeError::Config(Box::new(e)))
+    figment::<T>()
+        .extract()
+        .map_err(|e| RuntimeError::Config(Box::new(e)))
 }
 
 /// The layered sources behind [`load`], for callers that add their own.
@@ -111,7 +114,10 @@ mod tests {
     #[test]
     fn defaults_then_file_then_environment() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("darkroom.toml", "bucket = \"from-file\"\ns3_region = \"eu-west-1\"")?;
+            jail.create_file(
+                "darkroom.toml",
+                "bucket = \"from-file\"\ns3_region = \"eu-west-1\"",
+            )?;
             jail.set_env("DARKROOM_CONFIG", "darkroom.toml");
             jail.set_env("DARKROOM_BUCKET", "from-env");
             jail.set_env("DARKROOM_METRICS_ADDR", "127.0.0.1:9464");

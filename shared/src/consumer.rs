@@ -186,8 +186,10 @@ async fn process<H: Handler>(
                 "ok"
             }
             Some(Err(error)) => {
-                settle_failure(handler, publisher, settings, &message, &delivery, sequence, error)
-                    .await
+                settle_failure(
+                    handler, publisher, settings, &message, &delivery, sequence, error,
+                )
+                .await
             }
             None => {
                 tracing::warn!("shutdown grace ran out; handing the message back");
@@ -366,7 +368,8 @@ async fn watch_max_deliveries<H: Handler>(
             _ = shutdown.cancelled() => return,
             next = advisories.next() => match next { Some(m) => m, None => return },
         };
-        let Ok(advisory) = serde_json::from_slice::<MaxDeliveriesAdvisory>(&advisory.payload) else {
+        let Ok(advisory) = serde_json::from_slice::<MaxDeliveriesAdvisory>(&advisory.payload)
+        else {
             tracing::warn!("unreadable max-deliveries advisory");
             continue;
         };

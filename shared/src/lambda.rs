@@ -92,7 +92,10 @@ async fn invoke_sqs_batch<H: Handler>(
             .and_then(Value::as_str)
             .and_then(|n| n.parse().ok())
             .unwrap_or(1);
-        let body = record.get("body").and_then(Value::as_str).unwrap_or_default();
+        let body = record
+            .get("body")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let delivery = Delivery {
             subject: "aws:sqs".to_owned(),
             payload: Bytes::from(body.to_owned()),
@@ -103,7 +106,9 @@ async fn invoke_sqs_batch<H: Handler>(
         let failed = match handler.handle(&delivery).await {
             Ok(()) => false,
             Err(error) if error.is_permanent() => {
-                report_permanent(handler, publisher, &delivery, &error).await.is_err()
+                report_permanent(handler, publisher, &delivery, &error)
+                    .await
+                    .is_err()
             }
             Err(error) => {
                 tracing::warn!(%message_id, error = %error.message, "transient failure; SQS will redeliver");
@@ -126,7 +131,16 @@ async fn report_permanent<H: Handler>(
     tracing::warn!(reason = ?error.reason, error = %error.message, "permanent failure");
     if let Some(publisher) = publisher {
         let job = error.job.clone().or_else(|| handler.job_of(delivery));
-        give_up(publisher, H::STAGE, delivery, None, error.reason, &error.message, job).await?;
+        give_up(
+            publisher,
+            H::STAGE,
+            delivery,
+            None,
+            error.reason,
+            &error.message,
+            job,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -151,11 +165,20 @@ mod tests {
 
         async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
             let text = String::from_utf8_lossy(&delivery.payload).into_owned();
-            self.seen.lock().unwrap().push((text.clone(), delivery.attempt));
+            self.seen
+                .lock()
+                .unwrap()
+                .push((text.clone(), delivery.attempt));
             if text.contains("bad") {
-                Err(HandlerError::permanent(FailureReason::InvalidEvent, "bad input"))
+                Err(HandlerError::permanent(
+                    FailureReason::InvalidEvent,
+                    "bad input",
+                ))
             } else if text.contains("later") {
-                Err(HandlerError::transient(FailureReason::Internal, "try later"))
+                Err(HandlerError::transient(
+                    FailureReason::Internal,
+                    "try later",
+                ))
             } else {
                 Ok(())
             }
@@ -165,7 +188,9 @@ mod tests {
     #[tokio::test]
     async fn direct_invocations_fail_only_when_a_retry_can_help() {
         let handler = Picky::default();
-        let ok = invoke(&handler, None, json!({"Records": []})).await.unwrap();
+        let ok = invoke(&handler, None, json!({"Records": []}))
+            .await
+            .unwrap();
         assert_eq!(ok["status"], "ok");
         let permanent = invoke(&handler, None, json!({"x": "bad"})).await.unwrap();
         assert_eq!(permanent["status"], "failed");
@@ -182,7 +207,10 @@ mod tests {
             {"eventSource": "aws:sqs", "messageId": "m3", "body": "bad"}
         ]});
         let response = invoke(&handler, None, event).await.unwrap();
-        assert_eq!(response, json!({"batchItemFailures": [{"itemIdentifier": "m2"}]}));
+        assert_eq!(
+            response,
+            json!({"batchItemFailures": [{"itemIdentifier": "m2"}]})
+        );
         let seen = handler.seen.lock().unwrap();
         assert_eq!(seen[0], ("{\"fine\":1}".to_owned(), 2));
         assert_eq!(seen.len(), 3);

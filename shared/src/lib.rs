@@ -56,6 +56,9 @@ pub enum RuntimeError {
         /// The decoding error.
         source: serde_json::Error,
     },
+    /// The S3 server refused or failed a request.
+    #[error("S3: {0}")]
+    Storage(String),
     /// Metrics or telemetry could not be set up.
     #[error("telemetry: {0}")]
     Telemetry(String),

@@ -13,13 +13,12 @@ pub async fn connect(config: &RuntimeConfig, client_name: &str) -> Result<async_
         url: config.nats_url.clone(),
         message,
     };
-    let mut options = ConnectOptions::new()
-        .name(client_name)
-        .max_reconnects(None);
+    let mut options = ConnectOptions::new().name(client_name).max_reconnects(None);
     if let Some(path) = &config.nats_creds {
-        options = options.credentials_file(path).await.map_err(|e| {
-            connect_error(format!("credentials file {}: {e}", path.display()))
-        })?;
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| connect_error(format!("credentials file {}: {e}", path.display())))?;
     }
     if let (Some(user), Some(password)) = (&config.nats_user, &config.nats_password) {
         options = options.user_and_password(user.clone(), password.clone());

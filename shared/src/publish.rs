@@ -66,7 +66,8 @@ impl Publisher {
         if let Some(trace) = traceparent {
             header_map.insert(headers::TRACEPARENT, trace.to_string().as_str());
         }
-        self.publish_with_headers(subject, header_map, payload).await
+        self.publish_with_headers(subject, header_map, payload)
+            .await
     }
 
     /// Publishes a job's lifecycle event on `darkroom.events.<job>.<kind>`.
@@ -110,13 +111,25 @@ impl Publisher {
         }
         header_map.insert(headers::DLQ_REASON, reason.as_str());
         // Header values are single-line.
-        let message: String = letter.message.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1024).collect();
+        let message: String = letter
+            .message
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(1024)
+            .collect();
         header_map.insert(headers::DLQ_MESSAGE, message.as_str());
-        header_map.insert(headers::DLQ_DELIVERIES, letter.deliveries.to_string().as_str());
+        header_map.insert(
+            headers::DLQ_DELIVERIES,
+            letter.deliveries.to_string().as_str(),
+        );
         metrics::counter!(crate::telemetry::metric::DEAD_LETTERS, "stage" => letter.stage.as_str(), "reason" => reason.clone())
             .increment(1);
-        self.publish_with_headers(subjects::dlq_subject(letter.stage), header_map, letter.payload.clone())
-            .await
+        self.publish_with_headers(
+            subjects::dlq_subject(letter.stage),
+            header_map,
+            letter.payload.clone(),
+        )
+        .await
     }
 
     async fn publish_with_headers(

@@ -21,3 +21,26 @@ pub async fn client(config: &RuntimeConfig) -> aws_sdk_s3::Client {
         .unwrap_or(config.s3_endpoint.is_some());
     aws_sdk_s3::Client::from_conf(builder.force_path_style(path_style).build())
 }
+
+/// Creates `bucket` unless it exists already (idempotent, for provisioning and tests).
+pub async fn ensure_bucket(client: &aws_sdk_s3::Client, bucket: &str) -> crate::Result<()> {
+    if client.head_bucket().bucket(bucket).send().await.is_ok() {
+        return Ok(());
+    }
+    match client.create_bucket().bucket(bucket).send().await {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            let owned = error.as_service_error().is_some_and(|e| {
+                e.is_bucket_already_owned_by_you() || e.is_bucket_already_exists()
+            });
+            if owned {
+                Ok(())
+            } else {
+                Err(crate::RuntimeError::Storage(format!(
+                    "create bucket {bucket}: {}",
+                    aws_sdk_s3::error::DisplayErrorContext(error)
+                )))
+            }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Logs, W3C trace context and Prometheus metrics.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::str::FromStr;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -28,6 +29,7 @@ pub fn init_logging(config: &RuntimeConfig) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // A second init (tests, Lambda warm starts) finds a subscriber already set; that is fine.
     let _ = match config.log_format {
@@ -112,7 +114,12 @@ impl FromStr for TraceParent {
         let is_hex = |part: &str, len: usize| {
             part.len() == len && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         };
-        if !is_hex(version, 2) || *version == "ff" || !is_hex(trace, 32) || !is_hex(parent, 16) || !is_hex(flags, 2) {
+        if !is_hex(version, 2)
+            || *version == "ff"
+            || !is_hex(trace, 32)
+            || !is_hex(parent, 16)
+            || !is_hex(flags, 2)
+        {
             return Err(invalid());
         }
         let trace_id = u128::from_str_radix(trace, 16).map_err(|_| invalid())?;

@@ -1,0 +1,56 @@
+//! `darkroom-dev`: provisions the local stack and runs the demo. Started by `local-dev/stack`
+//! and `local-dev/demo`; reads the same `DARKROOM_*` settings as the functions.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use darkroom_local_dev::{DemoOptions, demo, provision};
+use darkroom_shared::RuntimeConfig;
+
+#[derive(Parser)]
+#[command(version, about = "Darkroom's local-stack tool")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update every stream, consumer and KV bucket, and the S3 bucket.
+    Provision,
+    /// Upload one photo and follow it through the pipeline.
+    Demo {
+        /// JPEG to upload (default: a generated test photo).
+        #[arg(long)]
+        photo: Option<PathBuf>,
+        /// Preset to render with (the inbox folder it is uploaded to).
+        #[arg(long, default_value = "profile-warm")]
+        preset: String,
+        /// Seconds to wait for each stage.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config: RuntimeConfig = darkroom_shared::config::load()?;
+    darkroom_shared::telemetry::init_logging(&config);
+    match args.command {
+        Command::Provision => provision(&config).await,
+        Command::Demo {
+            photo,
+            preset,
+            timeout,
+        } => {
+            let options = DemoOptions {
+                photo,
+                preset,
+                timeout: Duration::from_secs(timeout),
+            };
+            demo(&config, &options).await
+        }
+    }
+}
