@@ -50,6 +50,10 @@ pub struct RuntimeConfig {
     pub s3_region: String,
     /// Path-style addressing (`endpoint/bucket/key`); default: on when an endpoint is set.
     pub s3_force_path_style: Option<bool>,
+    /// Static S3 access key, for S3-compatible servers; unset, the AWS credential chain is used.
+    pub s3_access_key_id: Option<String>,
+    /// Static S3 secret key, with [`Self::s3_access_key_id`].
+    pub s3_secret_access_key: Option<String>,
     /// The bucket Darkroom watches and writes to (default `darkroom`).
     pub bucket: String,
     /// Log format: `text` (default) or `json`.
@@ -72,6 +76,8 @@ impl Default for RuntimeConfig {
             s3_endpoint: None,
             s3_region: "us-east-1".to_owned(),
             s3_force_path_style: None,
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
             bucket: "darkroom".to_owned(),
             log_format: LogFormat::Text,
             log_filter: "info,async_nats=warn".to_owned(),

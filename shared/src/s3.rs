@@ -1,17 +1,25 @@
 //! The S3 client: AWS, or any S3-compatible server at a custom endpoint.
 
 use aws_config::BehaviorVersion;
-use aws_sdk_s3::config::Region;
+use aws_sdk_s3::config::{Credentials, Region};
 
 use crate::RuntimeConfig;
 
-/// Builds an S3 client from the configuration and the usual AWS credential chain
-/// (environment, profile, web identity, container and instance metadata).
+/// Builds an S3 client from the configuration: static keys when configured, else the usual AWS
+/// credential chain (environment, profile, web identity, container and instance metadata).
 pub async fn client(config: &RuntimeConfig) -> aws_sdk_s3::Client {
-    let shared = aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new(config.s3_region.clone()))
-        .load()
-        .await;
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(config.s3_region.clone()));
+    if let (Some(key), Some(secret)) = (&config.s3_access_key_id, &config.s3_secret_access_key) {
+        loader = loader.credentials_provider(Credentials::new(
+            key,
+            secret,
+            None,
+            None,
+            "darkroom-config",
+        ));
+    }
+    let shared = loader.load().await;
     let mut builder = aws_sdk_s3::config::Builder::from(&shared);
     if let Some(endpoint) = &config.s3_endpoint {
         builder = builder.endpoint_url(endpoint);
