@@ -1,0 +1,1000 @@
+//! Test harness for Darkroom's integration and end-to-end tests.
+//!
+//! Every test gets its own real servers, started as child processes on free
+//! local ports with their own temporary directories:
+//!
+//! - [`NatsServer`]: `nats-server` with JetStream (`-js -sd <tmp>/store`).
+//! - [`S3Server`]: SeaweedFS `weed mini`, an S3 gateway that can post its
+//!   filer events to a webhook (the way the local stack feeds the ingest
+//!   function).
+//!
+//! The binaries are looked up in `$DARKROOM_NATS_SERVER_BIN` /
+//! `$DARKROOM_WEED_BIN` (exported by `local-dev/env.sh`), then in
+//! `<repo>/.venv/bin` (where `local-dev/install` puts them), then on `PATH`.
+//!
+//! Ports are drawn at random from pools below Linux's ephemeral range, checked
+//! by binding them, and reserved for the life of the server so tests running
+//! in parallel in one process never share a port. Another process can still
+//! take a port between the check and the server's own bind; a start that fails
+//! that way is retried on fresh ports.
+//!
+//! Servers are killed when dropped; their temporary directories go with them.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write as _};
+use std::net::{Ipv4Addr, TcpListener};
+use std::ops::Range;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use tempfile::TempDir;
+
+/// Environment variable naming the `nats-server` binary.
+pub const NATS_SERVER_BIN_ENV: &str = "DARKROOM_NATS_SERVER_BIN";
+/// Environment variable naming the SeaweedFS `weed` binary.
+pub const WEED_BIN_ENV: &str = "DARKROOM_WEED_BIN";
+
+/// Access key [`S3Server`] gives SeaweedFS (its admin identity).
+pub const S3_ACCESS_KEY: &str = "darkroom-test";
+/// Secret key [`S3Server`] gives SeaweedFS.
+pub const S3_SECRET_KEY: &str = "darkroom-test-secret";
+/// Region the [`S3Server::client`] signs for.
+pub const S3_REGION: &str = "us-east-1";
+
+const NATS_READY_TIMEOUT: Duration = Duration::from_secs(10);
+const S3_READY_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+const START_ATTEMPTS: usize = 5;
+const LOG_TAIL_LINES: usize = 40;
+/// SeaweedFS derives each component's gRPC port as its HTTP port + 10000, and
+/// some internal clients (the admin worker) assume that offset even when a
+/// gRPC port is given explicitly, so the harness always keeps it.
+const GRPC_PORT_OFFSET: u16 = 10_000;
+
+/// The repository root (the parent of the `tests` crate).
+pub fn repo_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .parent()
+        .map_or_else(|| manifest_dir.to_path_buf(), Path::to_path_buf)
+}
+
+/// Finds a server binary: `$env_var` if set, else `<repo>/.venv/bin/<name>`,
+/// else `<name>` on `PATH`.
+pub fn find_binary(env_var: &str, name: &str) -> Result<PathBuf> {
+    resolve_binary(
+        std::env::var_os(env_var),
+        env_var,
+        name,
+        &repo_root().join(".venv").join("bin"),
+        std::env::var_os("PATH"),
+    )
+}
+
+fn resolve_binary(
+    explicit: Option<OsString>,
+    env_var: &str,
+    name: &str,
+    venv_bin: &Path,
+    path: Option<OsString>,
+) -> Result<PathBuf> {
+    if let Some(explicit) = explicit.filter(|value| !value.is_empty()) {
+        let explicit = PathBuf::from(explicit);
+        if is_executable(&explicit) {
+            return Ok(explicit);
+        }
+        bail!(
+            "{env_var}={} is not an executable file (run local-dev/install, or unset {env_var})",
+            explicit.display()
+        );
+    }
+    let in_venv = venv_bin.join(name);
+    if is_executable(&in_venv) {
+        return Ok(in_venv);
+    }
+    if let Some(found) = path
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+    {
+        return Ok(found);
+    }
+    bail!(
+        "cannot find `{name}`: set {env_var}, run local-dev/install (it puts `{name}` in {}), \
+         or put it on PATH",
+        venv_bin.display()
+    )
+}
+
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+/// Reserves a free local TCP port for the rest of this test process (it is
+/// never handed out again by this harness). Use it for a listener a server
+/// must know in advance, e.g. the webhook URL given to [`S3Server::start`];
+/// a listener that can bind `127.0.0.1:0` itself needs no reservation.
+pub fn reserve_port() -> Result<u16> {
+    let mut lease = PortLease::take(Pool::Plain, 1)?;
+    let port = lease.base[0];
+    // Nothing to release on drop: the port stays reserved.
+    lease.all.clear();
+    Ok(port)
+}
+
+/// Where ports are drawn from. Both pools lie below Linux's default ephemeral
+/// range (32768–60999), so outgoing connections do not take them, and away
+/// from the local stack's default ports (14222, 18xxx, 19333 and +10000).
+#[derive(Debug, Clone, Copy)]
+enum Pool {
+    /// One port each.
+    Plain,
+    /// A port `p` with `p + 10000` also free, for SeaweedFS components.
+    WithGrpc,
+}
+
+impl Pool {
+    fn range(self) -> Range<u16> {
+        match self {
+            Pool::Plain => 22_800..28_000,
+            Pool::WithGrpc => 20_000..22_768,
+        }
+    }
+
+    fn ports_for(self, base: u16) -> Vec<u16> {
+        match self {
+            Pool::Plain => vec![base],
+            Pool::WithGrpc => vec![base, base + GRPC_PORT_OFFSET],
+        }
+    }
+}
+
+/// Ports handed out by this process and not yet released.
+static RESERVED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+fn reserved() -> MutexGuard<'static, BTreeSet<u16>> {
+    RESERVED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Ports held by one server while it lives; released when dropped.
+#[derive(Debug)]
+struct PortLease {
+    /// The ports asked for, in order.
+    base: Vec<u16>,
+    /// Those plus the derived gRPC ports.
+    all: Vec<u16>,
+}
+
+impl PortLease {
+    fn take(pool: Pool, count: usize) -> Result<Self> {
+        let range = pool.range();
+        let mut reserved = reserved();
+        let mut listeners = Vec::new();
+        let mut base = Vec::with_capacity(count);
+        let mut all = Vec::new();
+        let mut tries = 0;
+        while base.len() < count {
+            tries += 1;
+            if tries > 5_000 {
+                bail!("found no free local ports in {range:?} after {tries} tries");
+            }
+            let candidate = rand::random_range(range.clone());
+            let ports = pool.ports_for(candidate);
+            if ports
+                .iter()
+                .any(|port| reserved.contains(port) || all.contains(port))
+            {
+                continue;
+            }
+            // Keep them bound until every port is chosen, so the checks hold
+            // for the whole set.
+            let Ok(bound) = ports
+                .iter()
+                .map(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, *port)))
+                .collect::<io::Result<Vec<_>>>()
+            else {
+                continue;
+            };
+            listeners.extend(bound);
+            all.extend(ports);
+            base.push(candidate);
+        }
+        reserved.extend(all.iter().copied());
+        Ok(Self { base, all })
+    }
+}
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        let mut reserved = reserved();
+        for port in &self.all {
+            reserved.remove(port);
+        }
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+struct Process {
+    child: Child,
+}
+
+impl Process {
+    fn has_exited(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    async fn terminate(mut self, grace: Duration) {
+        if !matches!(self.has_exited(), Ok(None)) {
+            return;
+        }
+        let pid = i32::try_from(self.child.id())
+            .ok()
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            // The child is not reaped yet, so the pid is still ours.
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !matches!(self.has_exited(), Ok(None)) {
+                return;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        // Dropping kills what is left.
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// How to run one server process and tell when it is ready.
+#[derive(Debug)]
+struct ProcessSpec {
+    what: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    cwd: PathBuf,
+    env: Vec<(&'static str, &'static str)>,
+    env_remove: Vec<&'static str>,
+    log: PathBuf,
+    /// The server is ready when every probe passes.
+    probes: Vec<Probe>,
+    timeout: Duration,
+}
+
+/// One readiness check: a GET and what its answer must look like.
+#[derive(Debug)]
+struct Probe {
+    url: String,
+    expect: Expect,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// Status 200.
+    Ok,
+    /// Any HTTP answer at all.
+    AnyStatus,
+    /// A SeaweedFS master `/dir/status` listing at least one volume server.
+    /// Until the volume server's first heartbeat the master cannot locate any
+    /// volume, and reads through S3 fail with 500 even though S3 answers.
+    WeedVolumeServer,
+}
+
+impl Probe {
+    async fn passes(&self, client: &reqwest::Client) -> bool {
+        let Ok(response) = client.get(&self.url).send().await else {
+            return false;
+        };
+        match self.expect {
+            Expect::AnyStatus => true,
+            Expect::Ok => response.status() == reqwest::StatusCode::OK,
+            Expect::WeedVolumeServer => response
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|status| weed_has_volume_server(&status)),
+        }
+    }
+}
+
+fn weed_has_volume_server(status: &serde_json::Value) -> bool {
+    let list = |value: &serde_json::Value, key: &str| {
+        value
+            .get(key)
+            .and_then(serde_json::Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    list(&status["Topology"], "DataCenters")
+        .iter()
+        .flat_map(|dc| list(dc, "Racks"))
+        .any(|rack| !list(&rack, "DataNodes").is_empty())
+}
+
+/// Why a launch did not become ready.
+#[derive(Debug)]
+enum LaunchFailure {
+    /// The server could not bind one of its ports: try other ports.
+    PortClash(anyhow::Error),
+    Other(anyhow::Error),
+}
+
+impl LaunchFailure {
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            LaunchFailure::PortClash(error) | LaunchFailure::Other(error) => error,
+        }
+    }
+}
+
+impl From<anyhow::Error> for LaunchFailure {
+    fn from(error: anyhow::Error) -> Self {
+        LaunchFailure::Other(error)
+    }
+}
+
+async fn launch(spec: &ProcessSpec) -> Result<Process, LaunchFailure> {
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .with_context(|| format!("cannot open {}", spec.log.display()))?;
+    writeln!(
+        log,
+        "--- darkroom-tests: {} {}",
+        spec.program.display(),
+        spec.args.join(" ")
+    )
+    .with_context(|| format!("cannot write {}", spec.log.display()))?;
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("cannot clone log file handle")?)
+        .stderr(log);
+    for (key, value) in &spec.env {
+        command.env(key, value);
+    }
+    for key in &spec.env_remove {
+        command.env_remove(key);
+    }
+    let mut process = Process {
+        child: command
+            .spawn()
+            .with_context(|| format!("cannot start {}", spec.program.display()))?,
+    };
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .context("cannot build an HTTP client")?;
+    let started = Instant::now();
+    loop {
+        if let Some(status) = process
+            .has_exited()
+            .with_context(|| format!("cannot wait for {}", spec.what))?
+        {
+            let tail = log_tail(&spec.log);
+            let error = anyhow!(
+                "{} exited ({status}) before it was ready; last lines of {}:\n{tail}",
+                spec.what,
+                spec.log.display()
+            );
+            return Err(if looks_like_port_clash(&tail) {
+                LaunchFailure::PortClash(error)
+            } else {
+                LaunchFailure::Other(error)
+            });
+        }
+        if all_pass(&spec.probes, &client).await {
+            return Ok(process);
+        }
+        if started.elapsed() >= spec.timeout {
+            drop(process);
+            return Err(LaunchFailure::Other(anyhow!(
+                "{} was not ready after {:?} (polling {}); last lines of {}:\n{}",
+                spec.what,
+                spec.timeout,
+                spec.probes
+                    .iter()
+                    .map(|probe| probe.url.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                spec.log.display(),
+                log_tail(&spec.log)
+            )));
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+async fn all_pass(probes: &[Probe], client: &reqwest::Client) -> bool {
+    for probe in probes {
+        if !probe.passes(client).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Launches on fresh ports until the server does not lose a port race.
+async fn launch_on_free_ports(
+    pool: Pool,
+    count: usize,
+    spec_for: impl Fn(&[u16]) -> ProcessSpec,
+) -> Result<(Process, PortLease)> {
+    let mut last = None;
+    for _ in 0..START_ATTEMPTS {
+        let ports = PortLease::take(pool, count)?;
+        match launch(&spec_for(&ports.base)).await {
+            Ok(process) => return Ok((process, ports)),
+            Err(LaunchFailure::PortClash(error)) => last = Some(error),
+            Err(LaunchFailure::Other(error)) => return Err(error),
+        }
+    }
+    let error = last.unwrap_or_else(|| anyhow!("no start was attempted"));
+    Err(error.context(format!(
+        "the server lost a race for its ports {START_ATTEMPTS} times"
+    )))
+}
+
+fn looks_like_port_clash(log: &str) -> bool {
+    let log = log.to_ascii_lowercase();
+    log.contains("address already in use")
+        || (log.contains("port") && log.contains("not available"))
+}
+
+/// The last lines of a log file, for error messages.
+fn log_tail(path: &Path) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+            lines[start..].join("\n")
+        }
+        Err(error) => format!("(cannot read {}: {error})", path.display()),
+    }
+}
+
+fn temp_dir(prefix: &str) -> Result<TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .with_context(|| format!("cannot create a temporary directory for {prefix}"))
+}
+
+/// A `nats-server` with JetStream, on free ports, storing in a temporary
+/// directory. Killed when dropped.
+#[derive(Debug)]
+pub struct NatsServer {
+    // Field order is drop order: the process dies before its ports are
+    // released and its directory is removed.
+    process: Option<Process>,
+    ports: PortLease,
+    binary: PathBuf,
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server and waits (up to 10 s) until JetStream is ready.
+    pub async fn start() -> Result<Self> {
+        let binary = find_binary(NATS_SERVER_BIN_ENV, "nats-server")?;
+        let dir = temp_dir("darkroom-nats-")?;
+        let (process, ports) = launch_on_free_ports(Pool::Plain, 2, |ports| {
+            nats_spec(&binary, dir.path(), ports[0], ports[1])
+        })
+        .await?;
+        Ok(Self {
+            process: Some(process),
+            ports,
+            binary,
+            dir,
+        })
+    }
+
+    /// Client URL, `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port())
+    }
+
+    /// Monitoring URL, `http://127.0.0.1:<port>` (`/healthz`, `/jsz`, …).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port())
+    }
+
+    /// A client connected to this server.
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        async_nats::connect(self.url())
+            .await
+            .with_context(|| format!("cannot connect to {}", self.url()))
+    }
+
+    /// A JetStream context on a new client connected to this server.
+    pub async fn jetstream(&self) -> Result<async_nats::jetstream::Context> {
+        Ok(async_nats::jetstream::new(self.client().await?))
+    }
+
+    /// The environment a Darkroom function needs to reach this server
+    /// (`DARKROOM_NATS_URL`), for `Command::envs`.
+    pub fn function_env(&self) -> Vec<(&'static str, String)> {
+        vec![("DARKROOM_NATS_URL", self.url())]
+    }
+
+    /// Client port.
+    pub fn port(&self) -> u16 {
+        self.ports.base[0]
+    }
+
+    /// Monitoring port.
+    pub fn monitor_port(&self) -> u16 {
+        self.ports.base[1]
+    }
+
+    /// JetStream store directory (`-sd`); it survives restarts.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// The server's log (stdout and stderr of every run, appended).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats-server.log")
+    }
+
+    /// Whether the process is alive (false after [`kill`](Self::kill) or
+    /// [`stop`](Self::stop), or if it died).
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|process| matches!(process.has_exited(), Ok(None)))
+    }
+
+    /// Kills the server at once (SIGKILL), like a crash. The store is kept;
+    /// [`restart`](Self::restart) brings it back.
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    /// Stops the server gracefully (SIGTERM, SIGKILL after 10 s).
+    pub async fn stop(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.terminate(STOP_GRACE).await;
+        }
+    }
+
+    /// Stops the server if it runs, then starts it again on the same ports
+    /// with the same store, and waits until JetStream is ready.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await;
+        let spec = nats_spec(
+            &self.binary,
+            self.dir.path(),
+            self.port(),
+            self.monitor_port(),
+        );
+        let process = launch(&spec)
+            .await
+            .map_err(|failure| failure.into_error().context("restarting nats-server"))?;
+        self.process = Some(process);
+        Ok(())
+    }
+}
+
+fn nats_spec(binary: &Path, dir: &Path, port: u16, monitor_port: u16) -> ProcessSpec {
+    ProcessSpec {
+        what: "nats-server",
+        program: binary.to_path_buf(),
+        args: vec![
+            "-js".into(),
+            "-sd".into(),
+            dir.join("store").display().to_string(),
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-m".into(),
+            monitor_port.to_string(),
+        ],
+        cwd: dir.to_path_buf(),
+        env: Vec::new(),
+        env_remove: Vec::new(),
+        log: dir.join("nats-server.log"),
+        probes: vec![Probe {
+            url: format!("http://127.0.0.1:{monitor_port}/healthz?js-enabled-only=true"),
+            expect: Expect::Ok,
+        }],
+        timeout: NATS_READY_TIMEOUT,
+    }
+}
+
+/// A SeaweedFS `weed mini` S3 server on free ports, storing in a temporary
+/// directory, optionally posting its filer events to a webhook. Killed when
+/// dropped.
+#[derive(Debug)]
+pub struct S3Server {
+    // Field order is drop order (see `NatsServer`).
+    process: Option<Process>,
+    /// s3, filer, master, volume, admin (each also +10000 for gRPC).
+    ports: PortLease,
+    binary: PathBuf,
+    dir: TempDir,
+    webhook: Option<String>,
+}
+
+impl S3Server {
+    /// Starts a server and waits (up to 30 s) until its S3 port answers HTTP
+    /// and its master knows the volume server (before that, reads of existing
+    /// objects fail with 500).
+    ///
+    /// With `webhook`, SeaweedFS posts its own event JSON for every create and
+    /// update under `/buckets/` to that URL (a `notification.toml` in its
+    /// working directory). It drops an event whose POST fails, so start the
+    /// listener first.
+    pub async fn start(webhook: Option<&str>) -> Result<Self> {
+        let binary = find_binary(WEED_BIN_ENV, "weed")?;
+        let dir = temp_dir("darkroom-s3-")?;
+        fs::create_dir_all(dir.path().join("data"))
+            .context("cannot create the SeaweedFS data directory")?;
+        fs::create_dir_all(dir.path().join("glog"))
+            .context("cannot create the SeaweedFS log directory")?;
+        if let Some(url) = webhook {
+            let path = dir.path().join("notification.toml");
+            fs::write(&path, notification_toml(url))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        let (process, ports) =
+            launch_on_free_ports(Pool::WithGrpc, WEED_COMPONENTS.len(), |ports| {
+                weed_spec(&binary, dir.path(), ports)
+            })
+            .await?;
+        Ok(Self {
+            process: Some(process),
+            ports,
+            binary,
+            dir,
+            webhook: webhook.map(str::to_owned),
+        })
+    }
+
+    /// S3 endpoint URL, `http://127.0.0.1:<port>` (path-style addressing).
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port())
+    }
+
+    /// S3 port.
+    pub fn s3_port(&self) -> u16 {
+        self.ports.base[0]
+    }
+
+    /// Filer URL, `http://127.0.0.1:<port>`, for looking behind the S3 API.
+    pub fn filer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ports.base[1])
+    }
+
+    /// Access key of the server's admin identity.
+    pub fn access_key(&self) -> &'static str {
+        S3_ACCESS_KEY
+    }
+
+    /// Secret key of the server's admin identity.
+    pub fn secret_key(&self) -> &'static str {
+        S3_SECRET_KEY
+    }
+
+    /// Region clients should sign for.
+    pub fn region(&self) -> &'static str {
+        S3_REGION
+    }
+
+    /// The webhook URL events are posted to, if any.
+    pub fn webhook(&self) -> Option<&str> {
+        self.webhook.as_deref()
+    }
+
+    /// Data directory (`-dir`); it survives restarts.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The server's console log (stdout and stderr of every run, appended);
+    /// SeaweedFS's detailed logs are in the `glog` directory beside it.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("weed.log")
+    }
+
+    /// The environment a Darkroom function needs to reach this server
+    /// (`DARKROOM_S3_ENDPOINT`, `DARKROOM_S3_REGION` and the AWS credential
+    /// variables), for `Command::envs`. The bucket (`DARKROOM_BUCKET`) is the
+    /// test's choice.
+    pub fn function_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DARKROOM_S3_ENDPOINT", self.endpoint()),
+            ("DARKROOM_S3_REGION", S3_REGION.to_owned()),
+            ("AWS_REGION", S3_REGION.to_owned()),
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY.to_owned()),
+        ]
+    }
+
+    /// An S3 client for this server: path style, region `us-east-1`, static
+    /// credentials.
+    pub async fn client(&self) -> aws_sdk_s3::Client {
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(S3_REGION))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(Credentials::new(
+                S3_ACCESS_KEY,
+                S3_SECRET_KEY,
+                None,
+                None,
+                "darkroom-tests",
+            ))
+            .force_path_style(true)
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
+    /// Whether the process is alive.
+    pub fn is_running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|process| matches!(process.has_exited(), Ok(None)))
+    }
+
+    /// Kills the server at once (SIGKILL), like a crash. The data is kept;
+    /// [`restart`](Self::restart) brings it back.
+    pub fn kill(&mut self) {
+        self.process = None;
+    }
+
+    /// Stops the server gracefully (SIGTERM, SIGKILL after 10 s; SeaweedFS
+    /// takes about 3 s).
+    pub async fn stop(&mut self) {
+        if let Some(process) = self.process.take() {
+            process.terminate(STOP_GRACE).await;
+        }
+    }
+
+    /// Stops the server if it runs, then starts it again on the same ports
+    /// with the same data and webhook, and waits until S3 answers.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await;
+        let spec = weed_spec(&self.binary, self.dir.path(), &self.ports.base);
+        let process = launch(&spec)
+            .await
+            .map_err(|failure| failure.into_error().context("restarting SeaweedFS"))?;
+        self.process = Some(process);
+        Ok(())
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        // Kill first, then remove the Unix sockets weed keeps in /tmp, named
+        // after our ports (weed removes them itself only on a clean shutdown).
+        self.process = None;
+        for (component, port) in WEED_COMPONENTS.iter().zip(&self.ports.base) {
+            let grpc = port + GRPC_PORT_OFFSET;
+            for socket in [
+                format!("/tmp/seaweedfs-{component}-{port}.sock"),
+                format!("/tmp/seaweedfs-{component}-grpc-{grpc}.sock"),
+            ] {
+                let _ = fs::remove_file(socket);
+            }
+        }
+    }
+}
+
+/// SeaweedFS components with a port of their own, in the order of
+/// `S3Server::ports`.
+const WEED_COMPONENTS: [&str; 5] = ["s3", "filer", "master", "volume", "admin"];
+
+/// `weed mini` with every port set explicitly (HTTP ports from `ports`:
+/// s3, filer, master, volume, admin; gRPC ports at +10000) and the extra
+/// listeners it would open on fixed ports (Iceberg, Lance, WebDAV) turned off,
+/// so that several servers can run side by side.
+fn weed_spec(binary: &Path, dir: &Path, ports: &[u16]) -> ProcessSpec {
+    let mut args = vec![
+        format!("-logdir={}", dir.join("glog").display()),
+        "mini".to_owned(),
+        format!("-dir={}", dir.join("data").display()),
+        "-ip=127.0.0.1".to_owned(),
+        "-ip.bind=127.0.0.1".to_owned(),
+    ];
+    for (component, port) in WEED_COMPONENTS.iter().zip(ports) {
+        args.push(format!("-{component}.port={port}"));
+        args.push(format!(
+            "-{component}.port.grpc={}",
+            port + GRPC_PORT_OFFSET
+        ));
+    }
+    args.extend(
+        [
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+        ]
+        .map(str::to_owned),
+    );
+    ProcessSpec {
+        what: "SeaweedFS (weed mini)",
+        program: binary.to_path_buf(),
+        args,
+        cwd: dir.to_path_buf(),
+        env: vec![
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+        ],
+        env_remove: vec!["AWS_SESSION_TOKEN"],
+        log: dir.join("weed.log"),
+        probes: vec![
+            Probe {
+                url: format!("http://127.0.0.1:{}/", ports[0]),
+                expect: Expect::AnyStatus,
+            },
+            Probe {
+                url: format!("http://127.0.0.1:{}/dir/status", ports[2]),
+                expect: Expect::WeedVolumeServer,
+            },
+        ],
+        timeout: S3_READY_TIMEOUT,
+    }
+}
+
+fn notification_toml(url: &str) -> String {
+    let mut toml = String::from("[notification.webhook]\nenabled = true\n");
+    let _ = writeln!(toml, "endpoint = {}", toml_string(url));
+    toml.push_str("event_types = [\"create\", \"update\"]\n");
+    toml.push_str("path_prefixes = [\"/buckets/\"]\n");
+    toml
+}
+
+fn toml_string(value: &str) -> String {
+    let mut quoted = String::with_capacity(value.len() + 2);
+    quoted.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => quoted.push_str("\\\""),
+            '\\' => quoted.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(quoted, "\\u{:04X}", u32::from(c));
+            }
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('"');
+    quoted
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn explicit_binary_must_exist() {
+        let error = resolve_binary(
+            Some("/nonexistent/nats-server".into()),
+            NATS_SERVER_BIN_ENV,
+            "nats-server",
+            Path::new("/nonexistent"),
+            None,
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains(NATS_SERVER_BIN_ENV), "{error}");
+    }
+
+    #[test]
+    fn binary_falls_back_to_venv_then_path() {
+        let venv = tempfile::tempdir().unwrap();
+        let path_dir = tempfile::tempdir().unwrap();
+        let make_exe = |dir: &Path| {
+            let exe = dir.join("weed");
+            fs::write(&exe, "#!/bin/sh\n").unwrap();
+            fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+            exe
+        };
+        let on_path = make_exe(path_dir.path());
+        let path = std::env::join_paths([path_dir.path()]).unwrap();
+        let found = resolve_binary(
+            Some(OsString::new()),
+            WEED_BIN_ENV,
+            "weed",
+            venv.path(),
+            Some(path.clone()),
+        )
+        .unwrap();
+        assert_eq!(found, on_path);
+        let in_venv = make_exe(venv.path());
+        let found = resolve_binary(None, WEED_BIN_ENV, "weed", venv.path(), Some(path)).unwrap();
+        assert_eq!(found, in_venv);
+        let missing = resolve_binary(None, WEED_BIN_ENV, "nope", venv.path(), None).unwrap_err();
+        assert!(
+            missing.to_string().contains("local-dev/install"),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn leases_never_overlap_and_are_released() {
+        let a = PortLease::take(Pool::WithGrpc, 5).unwrap();
+        let b = PortLease::take(Pool::WithGrpc, 5).unwrap();
+        assert_eq!(a.all.len(), 10);
+        for port in &a.base {
+            assert!(a.all.contains(&(port + GRPC_PORT_OFFSET)));
+        }
+        assert!(a.all.iter().all(|port| !b.all.contains(port)));
+        let held = a.all.clone();
+        drop(a);
+        let reserved = reserved();
+        assert!(held.iter().all(|port| !reserved.contains(port)));
+    }
+
+    #[test]
+    fn reserved_ports_are_free_and_stay_reserved() {
+        let a = reserve_port().unwrap();
+        let b = reserve_port().unwrap();
+        assert_ne!(a, b);
+        assert!(Pool::Plain.range().contains(&a));
+        drop(TcpListener::bind((Ipv4Addr::LOCALHOST, a)).unwrap());
+        assert!(reserved().contains(&a) && reserved().contains(&b));
+    }
+
+    #[test]
+    fn port_clash_is_recognised() {
+        assert!(looks_like_port_clash(
+            "[FTL] Error listening on port: 127.0.0.1:4222, \"listen tcp 127.0.0.1:4222: bind: address already in use\""
+        ));
+        assert!(looks_like_port_clash(
+            "Port allocation failed: port 29333 for Master (specified by flag master.port) is not available on 127.0.0.1"
+        ));
+        assert!(!looks_like_port_clash("permission denied"));
+    }
+
+    #[test]
+    fn weed_readiness_needs_a_volume_server() {
+        let empty = serde_json::json!({"Topology": {"DataCenters": [
+            {"Id": "dc", "Racks": [{"Id": "rack", "DataNodes": []}]}
+        ]}});
+        assert!(!weed_has_volume_server(&empty));
+        assert!(!weed_has_volume_server(
+            &serde_json::json!({"Topology": {}})
+        ));
+        let one = serde_json::json!({"Topology": {"DataCenters": [
+            {"Id": "dc", "Racks": [{"Id": "rack", "DataNodes": [{"Url": "127.0.0.1:1", "Volumes": 1}]}]}
+        ]}});
+        assert!(weed_has_volume_server(&one));
+    }
+
+    #[test]
+    fn notification_config_quotes_the_url() {
+        let toml = notification_toml("http://127.0.0.1:1/hook?a=\"b\"");
+        assert!(toml.contains("endpoint = \"http://127.0.0.1:1/hook?a=\\\"b\\\"\"\n"));
+        assert!(toml.contains("path_prefixes = [\"/buckets/\"]"));
+    }
+}
