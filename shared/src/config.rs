@@ -113,7 +113,7 @@ pub fn figment<T: Serialize + Default>() -> Figment {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(clippy::unwrap_used, clippy::result_large_err)]
 mod tests {
     use super::*;
 
