@@ -5,6 +5,13 @@
 //! webhooks into those records ([`webhook`]), publishes each object version once ([`relay`]),
 //! and lists the inbox to catch what the S3 side dropped ([`reconcile`]).
 
+/// Ingest's Prometheus metrics.
+pub mod metric {
+    /// Counter of announced objects, labels `source` (`webhook`, `reconciler`) and `outcome`
+    /// (`published`, `duplicate`, `ignored`).
+    pub const OBJECTS: &str = "darkroom_ingest_objects_total";
+}
+
 pub mod reconcile;
 pub mod relay;
 pub mod seaweedfs;

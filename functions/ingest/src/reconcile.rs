@@ -49,6 +49,8 @@ pub async fn reconcile(relay: &UploadRelay, bucket: &str) -> Result<ReconcileRep
             if let Relayed::Published(job) = relay.relay(object, "darkroom:reconciler").await? {
                 tracing::info!(%job, key, "reconciler published an upload whose event was lost");
                 report.published += 1;
+                metrics::counter!(crate::metric::OBJECTS, "source" => "reconciler", "outcome" => "published")
+                    .increment(1);
             }
         }
     }

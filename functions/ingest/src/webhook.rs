@@ -111,11 +111,22 @@ async fn s3_records(
 }
 
 fn count(handled: &mut Handled, relayed: Relayed) {
-    match relayed {
-        Relayed::Published(_) => handled.published += 1,
-        Relayed::Duplicate(_) => handled.duplicates += 1,
-        Relayed::OutsideInbox | Relayed::Vanished => handled.ignored += 1,
-    }
+    let outcome = match relayed {
+        Relayed::Published(_) => {
+            handled.published += 1;
+            "published"
+        }
+        Relayed::Duplicate(_) => {
+            handled.duplicates += 1;
+            "duplicate"
+        }
+        Relayed::OutsideInbox | Relayed::Vanished => {
+            handled.ignored += 1;
+            "ignored"
+        }
+    };
+    metrics::counter!(crate::metric::OBJECTS, "source" => "webhook", "outcome" => outcome)
+        .increment(1);
 }
 
 impl IntoResponse for IngestError {
