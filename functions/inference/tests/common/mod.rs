@@ -1,0 +1,88 @@
+//! Test support: runs the reference-fixture scripts in `reference/` once per fixture and caches
+//! their output under `target/darkroom-fixtures/`, keyed by the scripts' contents and arguments.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+static GENERATING: Mutex<()> = Mutex::new(());
+
+/// The crate's folder.
+pub fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python of the venv `local-dev/install` made (or the one `VIRTUAL_ENV` names).
+pub fn python() -> PathBuf {
+    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
+        return PathBuf::from(venv).join("bin/python");
+    }
+    crate_dir().join("../../.venv/bin/python")
+}
+
+/// Runs `reference/<script>.py --out DIR ARGS…` unless its output is cached; returns DIR.
+pub fn fixture(script: &str, args: &[&str]) -> PathBuf {
+    let reference = crate_dir().join("reference");
+    let mut hasher = DefaultHasher::new();
+    for file in [format!("{script}.py"), "common.py".to_owned()] {
+        std::fs::read(reference.join(&file))
+            .unwrap_or_else(|e| panic!("read reference/{file}: {e}"))
+            .hash(&mut hasher);
+    }
+    args.hash(&mut hasher);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate_dir().join("../../target"));
+    let dir = target
+        .join("darkroom-fixtures")
+        .join(format!("{script}-{:016x}", hasher.finish()));
+    let done = dir.join(".done");
+    let _guard = GENERATING.lock().unwrap_or_else(|e| e.into_inner());
+    if done.exists() {
+        return dir;
+    }
+    // Generate into a scratch folder and rename, so other test binaries never see half a fixture.
+    let scratch = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let output = Command::new(python())
+        .arg(reference.join(format!("{script}.py")))
+        .arg("--out")
+        .arg(&scratch)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("run {} (did local-dev/install run?): {e}", python().display()));
+    assert!(
+        output.status.success(),
+        "reference/{script}.py failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::write(scratch.join(".done"), b"").unwrap();
+    if std::fs::rename(&scratch, &dir).is_err() {
+        // Another test binary finished the same fixture first.
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    assert!(done.exists(), "fixture {} missing after generation", dir.display());
+    dir
+}
+
+/// Reads every tensor of a safetensors file (f32 on the CPU).
+pub fn read_tensors(path: &Path) -> std::collections::HashMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// max |a − b| / max |b|: the relative error the parity tests bound.
+pub fn relative_error(actual: &tch::Tensor, expected: &tch::Tensor) -> f64 {
+    assert_eq!(actual.size(), expected.size(), "shapes differ");
+    let actual = actual.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let expected = expected.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let diff = (&actual - &expected).abs().max().double_value(&[]);
+    let scale = expected.abs().max().double_value(&[]).max(1e-12);
+    diff / scale
+}
