@@ -120,6 +120,8 @@ mod tests {
     #[test]
     fn defaults_then_file_then_environment() {
         figment::Jail::expect_with(|jail| {
+            // Start from a clean environment: local-dev/env.sh exports DARKROOM_* variables.
+            jail.clear_env();
             jail.create_file(
                 "darkroom.toml",
                 "bucket = \"from-file\"\ns3_region = \"eu-west-1\"",
@@ -139,6 +141,8 @@ mod tests {
     #[test]
     fn a_bad_value_names_the_field() {
         figment::Jail::expect_with(|jail| {
+            // Start from a clean environment: local-dev/env.sh exports DARKROOM_* variables.
+            jail.clear_env();
             jail.set_env("DARKROOM_LOG_FORMAT", "xml");
             let error = load::<RuntimeConfig>().unwrap_err().to_string();
             assert!(error.contains("LOG_FORMAT"), "{error}");
@@ -149,6 +153,8 @@ mod tests {
     #[test]
     fn a_missing_config_file_is_an_error() {
         figment::Jail::expect_with(|jail| {
+            // Start from a clean environment: local-dev/env.sh exports DARKROOM_* variables.
+            jail.clear_env();
             jail.set_env("DARKROOM_CONFIG", "nope.toml");
             assert!(load::<RuntimeConfig>().is_err());
             Ok(())
