@@ -1,9 +1,11 @@
 //! Darkroom's GPU function: SDXL on libtorch through `tch`, in one long-lived process.
 //!
 //! The engine knows nothing of NATS, S3 or events. So far it holds [`device`]: choosing the
-//! device and precision a model runs in, with typed errors for what the machine cannot do.
+//! device and precision a model runs in, with typed errors for what the machine cannot do, and
+//! [`vae`]: SDXL's autoencoder between pixels and latents.
 
 pub mod device;
+pub mod vae;
 
 /// Errors of the inference engine.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,22 @@ pub enum EngineError {
     /// f16 on the CPU: many kernels lack half-precision CPU implementations.
     #[error("f16 is not supported on the CPU; use f32 or bf16")]
     HalfOnCpu,
+    /// A model configuration this engine cannot build (or a `config.json` it cannot read).
+    #[error("invalid {component} configuration: {message}")]
+    InvalidConfig {
+        /// The component whose configuration is wrong, e.g. `vae`.
+        component: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// An input tensor or image of the wrong shape, kind or size for a component.
+    #[error("invalid input to {component}: {message}")]
+    InvalidInput {
+        /// The component that refused the input, e.g. `vae`.
+        component: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
