@@ -1,9 +1,11 @@
 //! Darkroom's GPU function: SDXL on libtorch through `tch`, in one long-lived process.
 //!
 //! The engine knows nothing of NATS, S3 or events. So far it holds [`device`]: choosing the
-//! device and precision a model runs in, with typed errors for what the machine cannot do.
+//! device and precision a model runs in, with typed errors for what the machine cannot do; and
+//! [`unet`]: SDXL's denoising UNet.
 
 pub mod device;
+pub mod unet;
 
 /// Errors of the inference engine.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,23 @@ pub enum EngineError {
     /// f16 on the CPU: many kernels lack half-precision CPU implementations.
     #[error("f16 is not supported on the CPU; use f32 or bf16")]
     HalfOnCpu,
+    /// A model configuration this engine cannot build: unsupported by design (a block type or
+    /// conditioning SDXL does not use) or inconsistent. Not retryable.
+    #[error("invalid {component} config: {message}")]
+    InvalidConfig {
+        /// The model component (`unet`, …).
+        component: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// Inputs that do not fit the model: shapes, missing conditioning. Not retryable.
+    #[error("invalid input to {component}: {message}")]
+    InvalidInput {
+        /// The model component (`unet`, …).
+        component: &'static str,
+        /// What is wrong.
+        message: String,
+    },
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

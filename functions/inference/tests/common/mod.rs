@@ -54,7 +54,12 @@ pub fn fixture(script: &str, args: &[&str]) -> PathBuf {
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
         .output()
-        .unwrap_or_else(|e| panic!("run {} (did local-dev/install run?): {e}", python().display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "run {} (did local-dev/install run?): {e}",
+                python().display()
+            )
+        });
     assert!(
         output.status.success(),
         "reference/{script}.py failed:\n{}",
@@ -65,7 +70,11 @@ pub fn fixture(script: &str, args: &[&str]) -> PathBuf {
         // Another test binary finished the same fixture first.
         let _ = std::fs::remove_dir_all(&scratch);
     }
-    assert!(done.exists(), "fixture {} missing after generation", dir.display());
+    assert!(
+        done.exists(),
+        "fixture {} missing after generation",
+        dir.display()
+    );
     dir
 }
 
@@ -80,8 +89,12 @@ pub fn read_tensors(path: &Path) -> std::collections::HashMap<String, tch::Tenso
 /// max |a − b| / max |b|: the relative error the parity tests bound.
 pub fn relative_error(actual: &tch::Tensor, expected: &tch::Tensor) -> f64 {
     assert_eq!(actual.size(), expected.size(), "shapes differ");
-    let actual = actual.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
-    let expected = expected.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let actual = actual
+        .to_kind(tch::Kind::Double)
+        .to_device(tch::Device::Cpu);
+    let expected = expected
+        .to_kind(tch::Kind::Double)
+        .to_device(tch::Device::Cpu);
     let diff = (&actual - &expected).abs().max().double_value(&[]);
     let scale = expected.abs().max().double_value(&[]).max(1e-12);
     diff / scale
