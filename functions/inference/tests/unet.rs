@@ -95,6 +95,35 @@ fn convolution_projections_match_diffusers() {
 }
 
 #[test]
+fn builds_and_runs_in_bfloat16() {
+    // `vs.load` adopts the file's precision, so the cast comes after loading. Timesteps and
+    // time ids may stay f32; the other inputs come in the model's kind. Tolerance: 5e-2, for
+    // bf16's 8-bit mantissa.
+    let (mut vs, unet) = load("sdxl_tiny");
+    vs.bfloat16();
+    assert!(vs.variables().values().all(|v| v.kind() == Kind::BFloat16));
+    let t = cases("sdxl_tiny");
+    let half: HashMap<String, Tensor> = t
+        .iter()
+        .map(|(k, v)| {
+            let keep = k.ends_with("timestep") || k.ends_with("time_ids") || k.ends_with(".out");
+            let v = if keep {
+                v.shallow_clone()
+            } else {
+                v.to_kind(Kind::BFloat16)
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    // One case covering everything (odd sizes, residuals): bf16 CPU kernels are slow.
+    let actual = run(&unet, &half, "odd_control");
+    assert_eq!(actual.kind(), Kind::BFloat16);
+    let error = common::relative_error(&actual, &t["odd_control.out"]);
+    println!("bf16 odd_control: relative error {error:.3e}");
+    assert!(error <= 5e-2, "bf16 odd_control: relative error {error:e}");
+}
+
+#[test]
 fn residuals_change_the_output() {
     // Guards the control cases against residuals being silently dropped.
     let (_vs, unet) = load("sdxl_tiny");
