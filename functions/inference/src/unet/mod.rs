@@ -574,6 +574,10 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Builds the model on `path` (usually `vs.root()`); load the weights into the var store
     /// afterwards. Refuses configs outside what SDXL uses with [`EngineError::InvalidConfig`].
+    ///
+    /// tch's `VarStore::load` adopts the file's precision: cast (`vs.half()`, `vs.bfloat16()`)
+    /// after loading. The timestep frequency table is not a variable and stays f32, as in
+    /// diffusers.
     pub fn new(path: nn::Path, config: &UNetConfig) -> Result<Self> {
         let layout = config.layout()?;
         let c = config;
