@@ -1,10 +1,11 @@
 //! Darkroom's GPU function: SDXL on libtorch through `tch`, in one long-lived process.
 //!
 //! The engine knows nothing of NATS, S3 or events. So far it holds [`device`]: choosing the
-//! device and precision a model runs in, with typed errors for what the machine cannot do, and
-//! [`vae`]: SDXL's autoencoder between pixels and latents.
+//! device and precision a model runs in, with typed errors for what the machine cannot do;
+//! [`unet`]: SDXL's denoising UNet; and [`vae`]: SDXL's autoencoder between pixels and latents.
 
 pub mod device;
+pub mod unet;
 pub mod vae;
 
 /// Errors of the inference engine.
@@ -32,7 +33,7 @@ pub enum EngineError {
     /// A model configuration this engine cannot build (or a `config.json` it cannot read).
     #[error("invalid {component} configuration: {message}")]
     InvalidConfig {
-        /// The component whose configuration is wrong, e.g. `vae`.
+        /// The component whose configuration is wrong, e.g. `unet`.
         component: &'static str,
         /// What is wrong with it.
         message: String,
