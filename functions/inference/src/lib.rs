@@ -1,9 +1,16 @@
 //! Darkroom's GPU function: SDXL on libtorch through `tch`, in one long-lived process.
 //!
 //! The engine knows nothing of NATS, S3 or events. So far it holds [`device`]: choosing the
-//! device and precision a model runs in, with typed errors for what the machine cannot do.
+//! device and precision a model runs in, with typed errors for what the machine cannot do; and
+//! SDXL's text side: the CLIP [`tokenizer`], the CLIP text encoders in [`clip`], and
+//! [`text_encoder`], which turns a prompt into SDXL's conditioning.
 
+use std::path::PathBuf;
+
+pub mod clip;
 pub mod device;
+pub mod text_encoder;
+pub mod tokenizer;
 
 /// Errors of the inference engine.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +34,27 @@ pub enum EngineError {
     /// f16 on the CPU: many kernels lack half-precision CPU implementations.
     #[error("f16 is not supported on the CPU; use f32 or bf16")]
     HalfOnCpu,
+    /// A model file that could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration (a `config.json`, tokenizer files, request options) that does not describe
+    /// a usable model.
+    #[error("invalid {component} configuration: {message}")]
+    InvalidConfig {
+        /// Which component's configuration.
+        component: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The tokenizer library failed to build a tokenizer or to encode a text.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
