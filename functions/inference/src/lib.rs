@@ -1,10 +1,17 @@
 //! Darkroom's GPU function: SDXL on libtorch through `tch`, in one long-lived process.
 //!
-//! The engine knows nothing of NATS, S3 or events. So far it holds [`device`]: choosing the
-//! device and precision a model runs in, with typed errors for what the machine cannot do;
-//! [`unet`]: SDXL's denoising UNet; and [`vae`]: SDXL's autoencoder between pixels and latents.
+//! The engine knows nothing of NATS, S3 or events. Its pieces, one module per component:
+//! [`device`] (device and precision, with typed errors for what the machine cannot do), the CLIP
+//! [`tokenizer`], the CLIP text encoders in [`clip`], [`text_encoder`] (a prompt to SDXL's
+//! conditioning), the denoising [`unet`], the [`vae`] between pixels and latents, and the
+//! diffusion [`scheduler`]s.
 
+use std::path::PathBuf;
+
+pub mod clip;
 pub mod device;
+pub mod text_encoder;
+pub mod tokenizer;
 pub mod unet;
 pub mod vae;
 
@@ -30,7 +37,17 @@ pub enum EngineError {
     /// f16 on the CPU: many kernels lack half-precision CPU implementations.
     #[error("f16 is not supported on the CPU; use f32 or bf16")]
     HalfOnCpu,
-    /// A model configuration this engine cannot build (or a `config.json` it cannot read).
+    /// A model file that could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A configuration (a `config.json`, tokenizer files, request options) that does not describe
+    /// a model this engine can build. Not retryable.
     #[error("invalid {component} configuration: {message}")]
     InvalidConfig {
         /// The component whose configuration is wrong, e.g. `unet`.
@@ -38,7 +55,7 @@ pub enum EngineError {
         /// What is wrong with it.
         message: String,
     },
-    /// An input tensor or image of the wrong shape, kind or size for a component.
+    /// An input tensor or image of the wrong shape, kind or size for a component. Not retryable.
     #[error("invalid input to {component}: {message}")]
     InvalidInput {
         /// The component that refused the input, e.g. `vae`.
@@ -46,6 +63,9 @@ pub enum EngineError {
         /// What is wrong with it.
         message: String,
     },
+    /// The tokenizer library failed to build a tokenizer or to encode a text.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
