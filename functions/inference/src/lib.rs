@@ -1,9 +1,11 @@
 //! Darkroom's GPU function: SDXL on libtorch through `tch`, in one long-lived process.
 //!
 //! The engine knows nothing of NATS, S3 or events. So far it holds [`device`]: choosing the
-//! device and precision a model runs in, with typed errors for what the machine cannot do.
+//! device and precision a model runs in, with typed errors for what the machine cannot do; and
+//! [`scheduler`]: the diffusion schedulers (Euler, Euler ancestral, DPM++ 2M Karras, DDIM).
 
 pub mod device;
+pub mod scheduler;
 
 /// Errors of the inference engine.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,21 @@ pub enum EngineError {
     /// f16 on the CPU: many kernels lack half-precision CPU implementations.
     #[error("f16 is not supported on the CPU; use f32 or bf16")]
     HalfOnCpu,
+    /// A scheduler name that is not `euler`, `euler-a`, `dpmpp-2m-karras` or `ddim`.
+    #[error("unknown scheduler {0:?} (expected euler, euler-a, dpmpp-2m-karras or ddim)")]
+    UnknownScheduler(String),
+    /// A model configuration file holds a value the engine does not support or cannot read.
+    #[error("invalid {component} config: {message}")]
+    InvalidConfig {
+        /// Which component's config (`scheduler`, `unet`, …).
+        component: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A scheduler was asked for something its schedule cannot do (zero steps, a strength that
+    /// leaves no step, a step out of order, a missing noise tensor).
+    #[error("scheduler: {0}")]
+    InvalidSchedule(String),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
