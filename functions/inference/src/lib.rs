@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 pub mod clip;
 pub mod device;
+pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
@@ -37,6 +38,13 @@ pub enum EngineError {
     /// f16 on the CPU: many kernels lack half-precision CPU implementations.
     #[error("f16 is not supported on the CPU; use f32 or bf16")]
     HalfOnCpu,
+    /// A scheduler name that is not `euler`, `euler-a`, `dpmpp-2m-karras` or `ddim`.
+    #[error("unknown scheduler {0:?} (expected euler, euler-a, dpmpp-2m-karras or ddim)")]
+    UnknownScheduler(String),
+    /// A scheduler was asked for something its schedule cannot do (zero steps, a strength that
+    /// leaves no step, a step out of order, a missing noise tensor).
+    #[error("scheduler: {0}")]
+    InvalidSchedule(String),
     /// A model file that could not be read.
     #[error("cannot read {path}: {source}")]
     Io {
