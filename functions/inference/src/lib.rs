@@ -1,9 +1,12 @@
 //! Darkroom's GPU function: SDXL on libtorch through `tch`, in one long-lived process.
 //!
 //! The engine knows nothing of NATS, S3 or events. So far it holds [`device`]: choosing the
-//! device and precision a model runs in, with typed errors for what the machine cannot do.
+//! device and precision a model runs in, with typed errors for what the machine cannot do; and
+//! [`loader`]: finding SDXL weights on disk (diffusers folders, single-file checkpoints) and
+//! loading them into `tch` variable stores.
 
 pub mod device;
+pub mod loader;
 
 /// Errors of the inference engine.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,9 @@ pub enum EngineError {
     /// f16 on the CPU: many kernels lack half-precision CPU implementations.
     #[error("f16 is not supported on the CPU; use f32 or bf16")]
     HalfOnCpu,
+    /// Model weights or configs could not be found or loaded.
+    #[error(transparent)]
+    Model(#[from] loader::ModelError),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
