@@ -1,7 +1,8 @@
 //! Darkroom's GPU function: SDXL on libtorch through `tch`, in one long-lived process.
 //!
 //! The engine knows nothing of NATS, S3 or events. Its pieces, one module per component:
-//! [`device`] (device and precision, with typed errors for what the machine cannot do), the CLIP
+//! [`device`] (device and precision, with typed errors for what the machine cannot do),
+//! [`loader`] (diffusers folders and single-file checkpoints into `tch` variable stores), the CLIP
 //! [`tokenizer`], the CLIP text encoders in [`clip`], [`text_encoder`] (a prompt to SDXL's
 //! conditioning), the denoising [`unet`], the [`vae`] between pixels and latents, and the
 //! diffusion [`scheduler`]s.
@@ -10,6 +11,8 @@ use std::path::PathBuf;
 
 pub mod clip;
 pub mod device;
+pub mod loader;
+pub mod pipeline;
 pub mod scheduler;
 pub mod text_encoder;
 pub mod tokenizer;
@@ -45,6 +48,9 @@ pub enum EngineError {
     /// leaves no step, a step out of order, a missing noise tensor).
     #[error("scheduler: {0}")]
     InvalidSchedule(String),
+    /// Model weights or configs could not be found or loaded.
+    #[error(transparent)]
+    Model(#[from] loader::ModelError),
     /// A model file that could not be read.
     #[error("cannot read {path}: {source}")]
     Io {

@@ -1,0 +1,380 @@
+//! SDXL txt2img and img2img, step for step as diffusers 0.42's `StableDiffusionXLPipeline` and
+//! `StableDiffusionXLImg2ImgPipeline` run them, so the same seed gives the same image.
+//!
+//! Random draws come from libtorch's default CPU generator (the one `torch.Generator("cpu")`
+//! wraps), in diffusers' order: txt2img draws the initial latents, then Euler ancestral draws one
+//! noise tensor per step; img2img draws the VAE's latent sample, then the noise the image latents
+//! are noised with, then the per-step noise. One generation at a time per process.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::clip::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
+use crate::device::DType;
+use crate::loader::{Component, Layout, ModelSource, SourceOptions};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind, step_noise_like};
+use crate::text_encoder::{PromptRequest, SdxlTextEncoders, TextConditioning};
+use crate::tokenizer::ClipTokenizer;
+use crate::unet::{AddedConditioning, UNet2DConditionModel, UNetConfig};
+use crate::vae::{AutoencoderKL, LatentSample, VaeConfig, image_to_tensor, tensor_to_image};
+use crate::{EngineError, Result};
+
+/// What to render.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: String,
+    /// What the image should not show; `None` gives zero embeddings (SDXL's
+    /// `force_zeros_for_empty_prompt`), `Some("")` encodes the empty text.
+    pub negative_prompt: Option<String>,
+    /// Output width in pixels (a multiple of 8; ignored with an init image, whose size is used).
+    pub width: u32,
+    /// Output height in pixels.
+    pub height: u32,
+    /// Denoising steps asked for (img2img runs `int(steps × strength)` of them).
+    pub steps: usize,
+    /// Classifier-free guidance scale; ≤ 1 turns guidance off.
+    pub guidance: f64,
+    /// Seed of libtorch's CPU generator.
+    pub seed: i64,
+    /// The sampler.
+    pub scheduler: SchedulerKind,
+    /// img2img: the starting image and how much of it to repaint.
+    pub init: Option<InitImage>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            prompt: String::new(),
+            negative_prompt: None,
+            width: 1024,
+            height: 1024,
+            steps: 30,
+            guidance: 5.0,
+            seed: 0,
+            scheduler: SchedulerKind::Euler,
+            init: None,
+        }
+    }
+}
+
+/// img2img's starting point.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    /// The image; its sides must be multiples of 8.
+    pub image: RgbImage,
+    /// 0 keeps the image, 1 repaints it entirely (diffusers' `strength`).
+    pub strength: f64,
+}
+
+/// A rendered image and how it was made.
+#[derive(Debug)]
+pub struct Generated {
+    /// The picture.
+    pub image: RgbImage,
+    /// Final latents before the VAE decode, `[1, 4, h/8, w/8]`, f32 on the CPU.
+    pub latents: Tensor,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// Wall-clock time per stage of one generation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Prompt encoding.
+    pub text: Duration,
+    /// VAE encode of the init image and noising (img2img).
+    pub prepare: Duration,
+    /// The denoising loop.
+    pub denoise: Duration,
+    /// VAE decode and conversion to pixels.
+    pub decode: Duration,
+    /// Denoising steps run.
+    pub steps: usize,
+}
+
+/// SDXL base loaded once: text encoders, UNet and VAE resident on one device.
+pub struct SdxlPipeline {
+    text: SdxlTextEncoders,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    scheduler_config: SchedulerConfig,
+    device: Device,
+    kind: Kind,
+}
+
+/// The parts of `model_index.json` the pipeline reads.
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(default = "yes")]
+    force_zeros_for_empty_prompt: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl SdxlPipeline {
+    /// Loads a diffusers folder or a single-file checkpoint onto `device` in `dtype`.
+    ///
+    /// The VAE runs in f32 next to an f16 UNet when its config asks for it (`force_upcast`, the
+    /// stock SDXL VAE overflows in f16); a fp16-safe VAE (`force_upcast: false`) runs in f16.
+    pub fn load(model: &Path, device: Device, dtype: DType) -> Result<Self> {
+        let source = ModelSource::open(model, &SourceOptions::new(dtype))?;
+        let kind = dtype.kind();
+
+        let te_config: ClipTextConfig =
+            config_or(&source, Component::TextEncoder, ClipTextConfig::sdxl_text_encoder)?;
+        let te2_config: ClipTextConfig =
+            config_or(&source, Component::TextEncoder2, ClipTextConfig::sdxl_text_encoder_2)?;
+        let unet_config: UNetConfig = config_or(&source, Component::Unet, UNetConfig::sdxl_base)?;
+        let vae_config: VaeConfig = config_or(&source, Component::Vae, VaeConfig::sdxl)?;
+        vae_config.validate()?;
+
+        let text_encoder = build(&source, Component::TextEncoder, device, kind, |p| {
+            ClipTextModel::new(p, &te_config)
+        })?;
+        let text_encoder_2 = build(&source, Component::TextEncoder2, device, kind, |p| {
+            ClipTextModelWithProjection::new(p, &te2_config)
+        })?;
+        let unet = build(&source, Component::Unet, device, kind, |p| {
+            UNet2DConditionModel::new(p, &unet_config)
+        })?;
+        let vae_kind = vae_config.run_kind(kind);
+        let vae = build(&source, Component::Vae, device, vae_kind, |p| {
+            AutoencoderKL::new(p, &vae_config)
+        })?;
+
+        let tokenizer = match source.tokenizer() {
+            Some(folder) => ClipTokenizer::from_folder(folder)?,
+            None => ClipTokenizer::bundled_sdxl_tokenizer()?,
+        };
+        let tokenizer_2 = match source.tokenizer_2() {
+            Some(folder) => ClipTokenizer::from_folder(folder)?,
+            None => ClipTokenizer::bundled_sdxl_tokenizer_2()?,
+        };
+        let scheduler_config = match source.scheduler_config() {
+            Some(path) => SchedulerConfig::from_file(path)?,
+            None => SchedulerConfig::sdxl_base(),
+        };
+        let force_zeros_for_empty_prompt = match source.layout() {
+            Layout::Diffusers => {
+                let path = source.path().join("model_index.json");
+                let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                serde_json::from_str::<ModelIndex>(&text)
+                    .map_err(|e| EngineError::InvalidConfig {
+                        component: "model_index.json",
+                        message: e.to_string(),
+                    })?
+                    .force_zeros_for_empty_prompt
+            }
+            Layout::SingleFile => true,
+        };
+        Ok(SdxlPipeline {
+            text: SdxlTextEncoders {
+                tokenizer,
+                text_encoder,
+                tokenizer_2,
+                text_encoder_2,
+                force_zeros_for_empty_prompt,
+            },
+            unet,
+            vae,
+            scheduler_config,
+            device,
+            kind,
+        })
+    }
+
+    /// The device the model is on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Renders one image. `on_step(done, total)` is called after every denoising step.
+    pub fn generate(
+        &self,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        tch::no_grad(|| self.generate_inner(request, on_step))
+    }
+
+    fn generate_inner(
+        &self,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Generated> {
+        let mut timings = Timings::default();
+        let guided = request.guidance > 1.0;
+        tch::manual_seed(request.seed);
+
+        let started = Instant::now();
+        let conditioning = self.text.encode_prompt(&PromptRequest {
+            negative_prompt: request.negative_prompt.clone(),
+            classifier_free_guidance: guided,
+            ..PromptRequest::new(request.prompt.clone())
+        })?;
+        let (hidden, pooled) = conditioning_batch(&conditioning, self.device, self.kind);
+        timings.text = started.elapsed();
+
+        let started = Instant::now();
+        let mut scheduler =
+            Scheduler::new(request.scheduler, &self.scheduler_config, request.steps)?;
+        let scale = self.vae.config().vae_scale_factor();
+        let (mut latents, height, width) = match &request.init {
+            None => {
+                let (height, width) = check_size(request.height, request.width, scale)?;
+                let shape = [1, 4, height / scale, width / scale];
+                // diffusers' randn_tensor: on the CPU generator, in the model's dtype.
+                let noise = Tensor::randn(shape, (self.kind, Device::Cpu)).to_device(self.device);
+                (noise * scheduler.init_noise_sigma(), height, width)
+            }
+            Some(init) => {
+                let (height, width) = check_size(init.image.height(), init.image.width(), scale)?;
+                let begin = scheduler.set_strength(init.strength)?;
+                let pixels = image_to_tensor(&init.image).to_device(self.device);
+                let image_latents =
+                    self.vae
+                        .latents_from_image(&pixels, LatentSample::DefaultGenerator, self.kind)?;
+                let noise = Tensor::randn(image_latents.size(), (self.kind, Device::Cpu))
+                    .to_device(self.device);
+                (scheduler.add_noise(&image_latents, &noise, begin)?, height, width)
+            }
+        };
+        // original_size + crops_coords_top_left + target_size, the same for both CFG halves.
+        let time_ids = Tensor::from_slice(&[
+            height as f32,
+            width as f32,
+            0.0,
+            0.0,
+            height as f32,
+            width as f32,
+        ])
+        .view([1, 6])
+        .to_device(self.device)
+        .to_kind(self.kind);
+        let time_ids = if guided { time_ids.repeat([2, 1]) } else { time_ids };
+        timings.prepare = started.elapsed();
+
+        let started = Instant::now();
+        let first = scheduler.begin_index();
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len() - first;
+        for (done, index) in (first..timesteps.len()).enumerate() {
+            let model_input = if guided {
+                Tensor::cat(&[&latents, &latents], 0)
+            } else {
+                latents.shallow_clone()
+            };
+            let model_input = scheduler.scale_model_input(&model_input, index)?;
+            let added = AddedConditioning {
+                text_embeds: &pooled,
+                time_ids: &time_ids,
+            };
+            let prediction = self
+                .unet
+                .forward(&model_input, timesteps[index], &hidden, Some(&added))?;
+            let prediction = if guided {
+                let halves = prediction.chunk(2, 0);
+                let (uncond, text) = (&halves[0], &halves[1]);
+                uncond + (text - uncond) * request.guidance
+            } else {
+                prediction
+            };
+            let noise = scheduler
+                .needs_step_noise()
+                .then(|| step_noise_like(&prediction));
+            latents = scheduler.step(&prediction, index, &latents, noise.as_ref())?;
+            on_step(done + 1, total);
+        }
+        timings.steps = total;
+        timings.denoise = started.elapsed();
+
+        let started = Instant::now();
+        let decoded = self.vae.image_from_latents(&latents)?;
+        let image = tensor_to_image(&decoded)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| EngineError::InvalidInput {
+                component: "vae",
+                message: "the decoder returned no image".to_owned(),
+            })?;
+        timings.decode = started.elapsed();
+        Ok(Generated {
+            image,
+            latents: latents.to_kind(Kind::Float).to_device(Device::Cpu),
+            timings,
+        })
+    }
+}
+
+/// Reads `component`'s config, or uses `default` when the checkpoint has none (single file).
+fn config_or<T: serde::de::DeserializeOwned>(
+    source: &ModelSource,
+    component: Component,
+    default: impl FnOnce() -> T,
+) -> Result<T> {
+    match source.config_json(component)? {
+        Some(json) => serde_json::from_value(json).map_err(|e| EngineError::InvalidConfig {
+            component: component.name(),
+            message: e.to_string(),
+        }),
+        None => Ok(default()),
+    }
+}
+
+/// Builds a module on a fresh var store in `kind` on `device`, then fills it from disk.
+fn build<M>(
+    source: &ModelSource,
+    component: Component,
+    device: Device,
+    kind: Kind,
+    new: impl FnOnce(nn::Path) -> Result<M>,
+) -> Result<M> {
+    let mut vs = nn::VarStore::new(device);
+    let module = new(vs.root())?;
+    vs.set_kind(kind);
+    source.load(&mut vs, component)?;
+    vs.freeze();
+    Ok(module)
+}
+
+/// The UNet's text inputs: `[negative; positive]` when guided.
+fn conditioning_batch(conditioning: &TextConditioning, device: Device, kind: Kind) -> (Tensor, Tensor) {
+    let to = |t: &Tensor| t.to_device(device).to_kind(kind);
+    match (
+        &conditioning.negative_prompt_embeds,
+        &conditioning.negative_pooled_prompt_embeds,
+    ) {
+        (Some(negative), Some(negative_pooled)) => (
+            Tensor::cat(&[to(negative), to(&conditioning.prompt_embeds)], 0),
+            Tensor::cat(&[to(negative_pooled), to(&conditioning.pooled_prompt_embeds)], 0),
+        ),
+        _ => (
+            to(&conditioning.prompt_embeds),
+            to(&conditioning.pooled_prompt_embeds),
+        ),
+    }
+}
+
+fn check_size(height: u32, width: u32, scale: i64) -> Result<(i64, i64)> {
+    let (height, width) = (i64::from(height), i64::from(width));
+    // The UNet halves the latents twice more (SDXL: three levels), so sides must be multiples
+    // of 8 latent pixels' worth after the VAE's factor too; diffusers rounds to 8 pixels.
+    if height <= 0 || width <= 0 || height % scale != 0 || width % scale != 0 {
+        return Err(EngineError::InvalidInput {
+            component: "pipeline",
+            message: format!("{width}×{height} is not a positive multiple of {scale} pixels"),
+        });
+    }
+    Ok((height, width))
+}
