@@ -4,9 +4,11 @@
 //! Random draws come from libtorch's default CPU generator (the one `torch.Generator("cpu")`
 //! wraps), in diffusers' order: txt2img draws the initial latents, then Euler ancestral draws one
 //! noise tensor per step; img2img draws the VAE's latent sample, then the noise the image latents
-//! are noised with, then the per-step noise. One generation at a time per process.
+//! are noised with, then the per-step noise. That generator is process-wide, so generations
+//! take a process-wide lock: one at a time per process (a GPU serves one job at a time anyway).
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
@@ -72,6 +74,10 @@ pub struct InitImage {
     pub strength: f64,
 }
 
+/// Held while a generation seeds and draws from libtorch's process-wide CPU generator, and while
+/// a model is built (layer construction draws from it too).
+static GENERATOR: Mutex<()> = Mutex::new(());
+
 /// A rendered image and how it was made.
 #[derive(Debug)]
 pub struct Generated {
@@ -122,16 +128,35 @@ fn yes() -> bool {
 impl SdxlPipeline {
     /// Loads a diffusers folder or a single-file checkpoint onto `device` in `dtype`.
     ///
+    /// `config_dir` describes a single-file checkpoint that is not SDXL base-shaped: a diffusers
+    /// folder whose configs, tokenizers and scheduler config are used (its weights are not read).
     /// The VAE runs in f32 next to an f16 UNet when its config asks for it (`force_upcast`, the
     /// stock SDXL VAE overflows in f16); a fp16-safe VAE (`force_upcast: false`) runs in f16.
-    pub fn load(model: &Path, device: Device, dtype: DType) -> Result<Self> {
-        let source = ModelSource::open(model, &SourceOptions::new(dtype))?;
+    pub fn load(
+        model: &Path,
+        config_dir: Option<&Path>,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut options = SourceOptions::new(dtype);
+        if let Some(dir) = config_dir {
+            options = options.with_config_dir(dir);
+        }
+        let source = ModelSource::open(model, &options)?;
         let kind = dtype.kind();
+        // Building `tch::nn` layers draws their (overwritten) initial values from the generator.
+        let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
 
-        let te_config: ClipTextConfig =
-            config_or(&source, Component::TextEncoder, ClipTextConfig::sdxl_text_encoder)?;
-        let te2_config: ClipTextConfig =
-            config_or(&source, Component::TextEncoder2, ClipTextConfig::sdxl_text_encoder_2)?;
+        let te_config: ClipTextConfig = config_or(
+            &source,
+            Component::TextEncoder,
+            ClipTextConfig::sdxl_text_encoder,
+        )?;
+        let te2_config: ClipTextConfig = config_or(
+            &source,
+            Component::TextEncoder2,
+            ClipTextConfig::sdxl_text_encoder_2,
+        )?;
         let unet_config: UNetConfig = config_or(&source, Component::Unet, UNetConfig::sdxl_base)?;
         let vae_config: VaeConfig = config_or(&source, Component::Vae, VaeConfig::sdxl)?;
         vae_config.validate()?;
@@ -158,6 +183,22 @@ impl SdxlPipeline {
             Some(folder) => ClipTokenizer::from_folder(folder)?,
             None => ClipTokenizer::bundled_sdxl_tokenizer_2()?,
         };
+        for (tokenizer, config, name) in [
+            (&tokenizer, &te_config, "text_encoder"),
+            (&tokenizer_2, &te2_config, "text_encoder_2"),
+        ] {
+            // An id past the embedding table would abort inside libtorch.
+            if usize::try_from(config.vocab_size).unwrap_or(0) < tokenizer.vocab_size() {
+                return Err(EngineError::InvalidConfig {
+                    component: "pipeline",
+                    message: format!(
+                        "{name} has a vocabulary of {} tokens but its tokenizer produces ids up to {}",
+                        config.vocab_size,
+                        tokenizer.vocab_size()
+                    ),
+                });
+            }
+        }
         let scheduler_config = match source.scheduler_config() {
             Some(path) => SchedulerConfig::from_file(path)?,
             None => SchedulerConfig::sdxl_base(),
@@ -205,6 +246,8 @@ impl SdxlPipeline {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
+        // A panic elsewhere cannot leave the generator in a state a new seed would not reset.
+        let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
         tch::no_grad(|| self.generate_inner(request, on_step))
     }
 
@@ -242,12 +285,18 @@ impl SdxlPipeline {
                 let (height, width) = check_size(init.image.height(), init.image.width(), scale)?;
                 let begin = scheduler.set_strength(init.strength)?;
                 let pixels = image_to_tensor(&init.image).to_device(self.device);
-                let image_latents =
-                    self.vae
-                        .latents_from_image(&pixels, LatentSample::DefaultGenerator, self.kind)?;
+                let image_latents = self.vae.latents_from_image(
+                    &pixels,
+                    LatentSample::DefaultGenerator,
+                    self.kind,
+                )?;
                 let noise = Tensor::randn(image_latents.size(), (self.kind, Device::Cpu))
                     .to_device(self.device);
-                (scheduler.add_noise(&image_latents, &noise, begin)?, height, width)
+                (
+                    scheduler.add_noise(&image_latents, &noise, begin)?,
+                    height,
+                    width,
+                )
             }
         };
         // original_size + crops_coords_top_left + target_size, the same for both CFG halves.
@@ -262,7 +311,11 @@ impl SdxlPipeline {
         .view([1, 6])
         .to_device(self.device)
         .to_kind(self.kind);
-        let time_ids = if guided { time_ids.repeat([2, 1]) } else { time_ids };
+        let time_ids = if guided {
+            time_ids.repeat([2, 1])
+        } else {
+            time_ids
+        };
         timings.prepare = started.elapsed();
 
         let started = Instant::now();
@@ -280,9 +333,9 @@ impl SdxlPipeline {
                 text_embeds: &pooled,
                 time_ids: &time_ids,
             };
-            let prediction = self
-                .unet
-                .forward(&model_input, timesteps[index], &hidden, Some(&added))?;
+            let prediction =
+                self.unet
+                    .forward(&model_input, timesteps[index], &hidden, Some(&added))?;
             let prediction = if guided {
                 let halves = prediction.chunk(2, 0);
                 let (uncond, text) = (&halves[0], &halves[1]);
@@ -349,7 +402,11 @@ fn build<M>(
 }
 
 /// The UNet's text inputs: `[negative; positive]` when guided.
-fn conditioning_batch(conditioning: &TextConditioning, device: Device, kind: Kind) -> (Tensor, Tensor) {
+fn conditioning_batch(
+    conditioning: &TextConditioning,
+    device: Device,
+    kind: Kind,
+) -> (Tensor, Tensor) {
     let to = |t: &Tensor| t.to_device(device).to_kind(kind);
     match (
         &conditioning.negative_prompt_embeds,
@@ -357,7 +414,10 @@ fn conditioning_batch(conditioning: &TextConditioning, device: Device, kind: Kin
     ) {
         (Some(negative), Some(negative_pooled)) => (
             Tensor::cat(&[to(negative), to(&conditioning.prompt_embeds)], 0),
-            Tensor::cat(&[to(negative_pooled), to(&conditioning.pooled_prompt_embeds)], 0),
+            Tensor::cat(
+                &[to(negative_pooled), to(&conditioning.pooled_prompt_embeds)],
+                0,
+            ),
         ),
         _ => (
             to(&conditioning.prompt_embeds),

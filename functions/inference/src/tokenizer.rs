@@ -158,11 +158,23 @@ impl ClipTokenizer {
     /// special tokens, `model_max_length`) and `special_tokens_map.json` (special tokens the config
     /// does not name), with the precedence transformers 5 gives them. Without a
     /// `model_max_length` the length is [`MAX_LENGTH`].
+    ///
+    /// A folder with only `tokenizer.json` (what transformers 5's `save_pretrained` writes) is
+    /// read for its BPE vocabulary and merges instead.
     pub fn from_folder(folder: &Path) -> Result<Self> {
-        let vocab: HashMap<String, u32> =
-            serde_json::from_str(&read_text(&folder.join("vocab.json"))?)
-                .map_err(|e| invalid(format!("{}: {e}", folder.join("vocab.json").display())))?;
-        let merges = parse_merges(&read_text(&folder.join("merges.txt"))?)?;
+        let (vocab, merges) =
+            if folder.join("vocab.json").is_file() || !folder.join("tokenizer.json").is_file() {
+                let vocab: HashMap<String, u32> =
+                    serde_json::from_str(&read_text(&folder.join("vocab.json"))?).map_err(|e| {
+                        invalid(format!("{}: {e}", folder.join("vocab.json").display()))
+                    })?;
+                (
+                    vocab,
+                    parse_merges(&read_text(&folder.join("merges.txt"))?)?,
+                )
+            } else {
+                vocabulary_from_tokenizer_json(&folder.join("tokenizer.json"))?
+            };
         let config = read_optional_json(&folder.join("tokenizer_config.json"))?;
         let map = read_optional_json(&folder.join("special_tokens_map.json"))?;
         let special = |key: &str, default: &str| {
@@ -213,6 +225,12 @@ impl ClipTokenizer {
             model_max_length,
         };
         Self::build(vocab, merges, specials)
+    }
+
+    /// How many token ids this tokenizer can produce (its text encoder's `vocab_size` must cover
+    /// them).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
     }
 
     /// SDXL's first tokenizer (`tokenizer/`: pads with `<|endoftext|>`) on the bundled vocabulary,
@@ -397,6 +415,43 @@ fn byte_symbols() -> Vec<char> {
 }
 
 /// `merges.txt`: an optional `#version` line, then one `left right` pair per line.
+/// The BPE model's vocabulary and merges from a `tokenizer.json` (merges as `"a b"` strings or
+/// `["a", "b"]` pairs, as tokenizers' two serialisations have them).
+fn vocabulary_from_tokenizer_json(path: &Path) -> Result<(HashMap<String, u32>, Merges)> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        model: Model,
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        vocab: HashMap<String, u32>,
+        merges: Vec<Merge>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Merge {
+        Joined(String),
+        Pair(String, String),
+    }
+    let file: File = serde_json::from_str(&read_text(path)?)
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+    let merges = file
+        .model
+        .merges
+        .into_iter()
+        .map(|merge| match merge {
+            Merge::Pair(a, b) => Ok((a, b)),
+            Merge::Joined(text) => text
+                .split_once(' ')
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .ok_or_else(|| {
+                    invalid(format!("{}: merge {text:?} is not a pair", path.display()))
+                }),
+        })
+        .collect::<Result<Merges>>()?;
+    Ok((file.model.vocab, merges))
+}
+
 fn parse_merges(text: &str) -> Result<Merges> {
     text.lines()
         .filter(|line| !line.starts_with("#version") && !line.is_empty())

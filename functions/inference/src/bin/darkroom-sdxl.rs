@@ -19,11 +19,18 @@ use darkroom_inference::scheduler::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(version, about = "Render an image with SDXL (diffusers folder or single-file checkpoint)")]
+#[command(
+    version,
+    about = "Render an image with SDXL (diffusers folder or single-file checkpoint)"
+)]
 struct Args {
     /// A diffusers model folder or a single-file `.safetensors` SDXL checkpoint.
     #[arg(long)]
     model: PathBuf,
+    /// For a single-file checkpoint that is not SDXL base-shaped: a diffusers folder with its
+    /// configs and tokenizers.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// What to render.
     #[arg(long)]
     prompt: String,
@@ -77,7 +84,7 @@ fn main() -> anyhow::Result<()> {
     let (device, _) = resolve(args.device, dtype)?;
 
     let started = Instant::now();
-    let pipeline = SdxlPipeline::load(&args.model, device, dtype)
+    let pipeline = SdxlPipeline::load(&args.model, args.config.as_deref(), device, dtype)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let load_time = started.elapsed();
 
