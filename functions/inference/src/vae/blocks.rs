@@ -1,5 +1,6 @@
 //! The blocks the VAE's encoder and decoder are made of, as diffusers builds them for
-//! `AutoencoderKL`: no time embedding, GroupNorm with eps 1e-6, SiLU, output scale 1.
+//! `AutoencoderKL`: no time embedding, GroupNorm with eps 1e-6, SiLU, output scale 1. The
+//! resnets and resamplers are the UNet's ([`crate::unet::resnet`]), as in diffusers.
 //!
 //! Upstream: `diffusers/models/resnet.py` (`ResnetBlock2D`), `downsampling.py` (`Downsample2D`),
 //! `upsampling.py` (`Upsample2D`), `attention_processor.py` (`Attention` with `AttnProcessor2_0`)
@@ -7,6 +8,10 @@
 
 use tch::Tensor;
 use tch::nn::{self, Module};
+
+use crate::Result;
+use crate::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
+use crate::unet::{Activation, ResnetTimeScaleShift};
 
 /// The eps of every GroupNorm in the VAE (`resnet_eps=1e-6` in `vae.py`).
 const NORM_EPS: f64 = 1e-6;
@@ -28,91 +33,27 @@ pub(crate) fn conv3x3(path: nn::Path, in_channels: i64, out_channels: i64) -> nn
     nn::conv2d(path, in_channels, out_channels, 3, config)
 }
 
-/// A 1×1 convolution.
-pub(crate) fn conv1x1(path: nn::Path, in_channels: i64, out_channels: i64) -> nn::Conv2D {
-    nn::conv2d(path, in_channels, out_channels, 1, Default::default())
-}
-
-/// `ResnetBlock2D` with `temb_channels=None`: norm1 → SiLU → conv1 → norm2 → SiLU → conv2, plus
-/// the input (through a 1×1 `conv_shortcut` when the channel count changes).
-#[derive(Debug)]
-pub(crate) struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
-    norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
-    conv_shortcut: Option<nn::Conv2D>,
-}
-
-impl ResnetBlock2D {
-    pub(crate) fn new(path: nn::Path, in_channels: i64, out_channels: i64, groups: i64) -> Self {
-        let conv_shortcut = (in_channels != out_channels)
-            .then(|| conv1x1(&path / "conv_shortcut", in_channels, out_channels));
-        Self {
-            norm1: group_norm(&path / "norm1", groups, in_channels),
-            conv1: conv3x3(&path / "conv1", in_channels, out_channels),
-            norm2: group_norm(&path / "norm2", groups, out_channels),
-            conv2: conv3x3(&path / "conv2", out_channels, out_channels),
-            conv_shortcut,
-        }
-    }
-
-    pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
-        let hidden = self.conv1.forward(&self.norm1.forward(xs).silu());
-        let hidden = self.conv2.forward(&self.norm2.forward(&hidden).silu());
-        let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(xs),
-            None => xs.shallow_clone(),
-        };
-        shortcut + hidden
-    }
-}
-
-/// `Downsample2D(use_conv=True, padding=0)`: diffusers pads right and bottom by one, then
-/// convolves 3×3 with stride 2 and no padding (the original LDM's asymmetric downsampling).
-#[derive(Debug)]
-pub(crate) struct Downsample2D {
-    conv: nn::Conv2D,
-}
-
-impl Downsample2D {
-    pub(crate) fn new(path: nn::Path, channels: i64) -> Self {
-        let config = nn::ConvConfig {
-            stride: 2,
-            padding: 0,
-            ..Default::default()
-        };
-        Self {
-            conv: nn::conv2d(&path / "conv", channels, channels, 3, config),
-        }
-    }
-
-    pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
-        // F.pad(x, (0, 1, 0, 1)): (left, right, top, bottom).
-        self.conv.forward(&xs.constant_pad_nd([0, 1, 0, 1]))
-    }
-}
-
-/// `Upsample2D(use_conv=True)`: nearest-neighbour ×2, then a 3×3 convolution.
-#[derive(Debug)]
-pub(crate) struct Upsample2D {
-    conv: nn::Conv2D,
-}
-
-impl Upsample2D {
-    pub(crate) fn new(path: nn::Path, channels: i64) -> Self {
-        Self {
-            conv: conv3x3(&path / "conv", channels, channels),
-        }
-    }
-
-    pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
-        let size = xs.size();
-        let (height, width) = (size[2], size[3]);
-        // F.interpolate(scale_factor=2.0, mode="nearest") passes the scale on to the kernel.
-        let upsampled = xs.upsample_nearest2d([2 * height, 2 * width], 2.0, 2.0);
-        self.conv.forward(&upsampled)
-    }
+/// `ResnetBlock2D` with `temb_channels=None`, as the VAE builds it (GroupNorm eps 1e-6, SiLU).
+fn resnet(
+    path: nn::Path,
+    in_channels: i64,
+    out_channels: i64,
+    groups: i64,
+) -> Result<ResnetBlock2D> {
+    ResnetBlock2D::new(
+        path,
+        &ResnetBlock2DConfig {
+            in_channels,
+            out_channels,
+            temb_channels: None,
+            groups,
+            groups_out: None,
+            eps: 1e-6,
+            act: Activation::Silu,
+            time_embedding_norm: ResnetTimeScaleShift::Default,
+            output_scale_factor: 1.0,
+        },
+    )
 }
 
 /// The mid block's `Attention`: one head over all spatial positions, GroupNorm first, q/k/v and
@@ -185,22 +126,27 @@ pub(crate) struct UNetMidBlock2D {
 }
 
 impl UNetMidBlock2D {
-    pub(crate) fn new(path: nn::Path, channels: i64, groups: i64, add_attention: bool) -> Self {
+    pub(crate) fn new(
+        path: nn::Path,
+        channels: i64,
+        groups: i64,
+        add_attention: bool,
+    ) -> Result<Self> {
         let resnets = &path / "resnets";
-        Self {
-            first: ResnetBlock2D::new(&resnets / "0", channels, channels, groups),
+        Ok(Self {
+            first: resnet(&resnets / "0", channels, channels, groups)?,
             attention: add_attention
                 .then(|| SpatialAttention::new(&path / "attentions" / "0", channels, groups)),
-            second: ResnetBlock2D::new(&resnets / "1", channels, channels, groups),
-        }
+            second: resnet(&resnets / "1", channels, channels, groups)?,
+        })
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
-        let mut hidden = self.first.forward(xs);
+        let mut hidden = self.first.forward(xs, None);
         if let Some(attention) = &self.attention {
             hidden = attention.forward(&hidden);
         }
-        self.second.forward(&hidden)
+        self.second.forward(&hidden, None)
     }
 }
 
@@ -219,25 +165,27 @@ impl DownEncoderBlock2D {
         num_layers: usize,
         groups: i64,
         add_downsample: bool,
-    ) -> Self {
+    ) -> Result<Self> {
         let resnets = (0..num_layers)
             .map(|i| {
                 let input = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(&path / "resnets" / i, input, out_channels, groups)
+                resnet(&path / "resnets" / i, input, out_channels, groups)
             })
-            .collect();
-        let downsampler =
-            add_downsample.then(|| Downsample2D::new(&path / "downsamplers" / "0", out_channels));
-        Self {
+            .collect::<Result<_>>()?;
+        // padding 0: diffusers pads right and bottom by one (the original LDM's downsampling).
+        let downsampler = add_downsample
+            .then(|| Downsample2D::new(&path / "downsamplers" / "0", out_channels, out_channels, 0))
+            .transpose()?;
+        Ok(Self {
             resnets,
             downsampler,
-        }
+        })
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
         let mut hidden = xs.shallow_clone();
         for resnet in &self.resnets {
-            hidden = resnet.forward(&hidden);
+            hidden = resnet.forward(&hidden, None);
         }
         match &self.downsampler {
             Some(downsampler) => downsampler.forward(&hidden),
@@ -261,25 +209,26 @@ impl UpDecoderBlock2D {
         num_layers: usize,
         groups: i64,
         add_upsample: bool,
-    ) -> Self {
+    ) -> Result<Self> {
         let resnets = (0..num_layers)
             .map(|i| {
                 let input = if i == 0 { in_channels } else { out_channels };
-                ResnetBlock2D::new(&path / "resnets" / i, input, out_channels, groups)
+                resnet(&path / "resnets" / i, input, out_channels, groups)
             })
-            .collect();
-        let upsampler =
-            add_upsample.then(|| Upsample2D::new(&path / "upsamplers" / "0", out_channels));
-        Self { resnets, upsampler }
+            .collect::<Result<_>>()?;
+        let upsampler = add_upsample
+            .then(|| Upsample2D::new(&path / "upsamplers" / "0", out_channels, out_channels))
+            .transpose()?;
+        Ok(Self { resnets, upsampler })
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
         let mut hidden = xs.shallow_clone();
         for resnet in &self.resnets {
-            hidden = resnet.forward(&hidden);
+            hidden = resnet.forward(&hidden, None);
         }
         match &self.upsampler {
-            Some(upsampler) => upsampler.forward(&hidden),
+            Some(upsampler) => upsampler.forward(&hidden, None),
             None => hidden,
         }
     }

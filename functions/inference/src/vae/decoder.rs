@@ -2,6 +2,7 @@
 //!
 //! Upstream: `Decoder` in `diffusers/models/autoencoders/vae.py`, with `norm_type="group"`.
 
+use crate::Result;
 use tch::Tensor;
 use tch::nn::{self, Module};
 
@@ -21,7 +22,7 @@ pub(crate) struct Decoder {
 
 impl Decoder {
     /// Builds the decoder on `path` (`decoder` in the checkpoint); `config` must be validated.
-    pub(crate) fn new(path: nn::Path, config: &VaeConfig) -> Self {
+    pub(crate) fn new(path: nn::Path, config: &VaeConfig) -> Result<Self> {
         let reversed: Vec<i64> = config.block_out_channels.iter().rev().copied().collect();
         let groups = config.norm_num_groups;
         let levels = reversed.len();
@@ -41,19 +42,19 @@ impl Decoder {
                     i + 1 < levels,
                 )
             })
-            .collect();
-        Self {
+            .collect::<Result<_>>()?;
+        Ok(Self {
             conv_in: conv3x3(&path / "conv_in", config.latent_channels, coarsest),
             mid_block: UNetMidBlock2D::new(
                 &path / "mid_block",
                 coarsest,
                 groups,
                 config.mid_block_add_attention,
-            ),
+            )?,
             up_blocks,
             conv_norm_out: group_norm(&path / "conv_norm_out", groups, finest),
             conv_out: conv3x3(&path / "conv_out", finest, config.out_channels),
-        }
+        })
     }
 
     pub(crate) fn forward(&self, latents: &Tensor) -> Tensor {

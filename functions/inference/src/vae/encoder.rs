@@ -2,6 +2,7 @@
 //!
 //! Upstream: `Encoder` in `diffusers/models/autoencoders/vae.py`, with `double_z=True`.
 
+use crate::Result;
 use tch::Tensor;
 use tch::nn::{self, Module};
 
@@ -21,7 +22,7 @@ pub(crate) struct Encoder {
 
 impl Encoder {
     /// Builds the encoder on `path` (`encoder` in the checkpoint); `config` must be validated.
-    pub(crate) fn new(path: nn::Path, config: &VaeConfig) -> Self {
+    pub(crate) fn new(path: nn::Path, config: &VaeConfig) -> Result<Self> {
         let channels = &config.block_out_channels;
         let groups = config.norm_num_groups;
         let levels = channels.len();
@@ -40,8 +41,8 @@ impl Encoder {
                     i + 1 < levels,
                 )
             })
-            .collect();
-        Self {
+            .collect::<Result<_>>()?;
+        Ok(Self {
             conv_in: conv3x3(&path / "conv_in", config.in_channels, channels[0]),
             down_blocks,
             mid_block: UNetMidBlock2D::new(
@@ -49,10 +50,10 @@ impl Encoder {
                 last,
                 groups,
                 config.mid_block_add_attention,
-            ),
+            )?,
             conv_norm_out: group_norm(&path / "conv_norm_out", groups, last),
             conv_out: conv3x3(&path / "conv_out", last, 2 * config.latent_channels),
-        }
+        })
     }
 
     pub(crate) fn forward(&self, images: &Tensor) -> Tensor {

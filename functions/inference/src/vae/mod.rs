@@ -75,8 +75,8 @@ impl AutoencoderKL {
         let latent = config.latent_channels;
         Ok(Self {
             config: config.clone(),
-            encoder: Encoder::new(&path / "encoder", config),
-            decoder: Decoder::new(&path / "decoder", config),
+            encoder: Encoder::new(&path / "encoder", config)?,
+            decoder: Decoder::new(&path / "decoder", config)?,
             quant_conv: config.use_quant_conv.then(|| {
                 nn::conv2d(
                     &path / "quant_conv",
