@@ -109,6 +109,9 @@ pub struct SdxlPipeline {
     text: SdxlTextEncoders,
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
+    /// The weights of each component, shared with the modules: editing a variable in place
+    /// (LoRA fusing) changes the module.
+    stores: Vec<(Component, nn::VarStore)>,
     scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
@@ -161,19 +164,35 @@ impl SdxlPipeline {
         let vae_config: VaeConfig = config_or(&source, Component::Vae, VaeConfig::sdxl)?;
         vae_config.validate()?;
 
-        let text_encoder = build(&source, Component::TextEncoder, device, kind, |p| {
-            ClipTextModel::new(p, &te_config)
-        })?;
-        let text_encoder_2 = build(&source, Component::TextEncoder2, device, kind, |p| {
-            ClipTextModelWithProjection::new(p, &te2_config)
-        })?;
-        let unet = build(&source, Component::Unet, device, kind, |p| {
+        let mut stores = Vec::new();
+        let text_encoder = build(
+            &source,
+            Component::TextEncoder,
+            device,
+            kind,
+            &mut stores,
+            |p| ClipTextModel::new(p, &te_config),
+        )?;
+        let text_encoder_2 = build(
+            &source,
+            Component::TextEncoder2,
+            device,
+            kind,
+            &mut stores,
+            |p| ClipTextModelWithProjection::new(p, &te2_config),
+        )?;
+        let unet = build(&source, Component::Unet, device, kind, &mut stores, |p| {
             UNet2DConditionModel::new(p, &unet_config)
         })?;
         let vae_kind = vae_config.run_kind(kind);
-        let vae = build(&source, Component::Vae, device, vae_kind, |p| {
-            AutoencoderKL::new(p, &vae_config)
-        })?;
+        let vae = build(
+            &source,
+            Component::Vae,
+            device,
+            vae_kind,
+            &mut stores,
+            |p| AutoencoderKL::new(p, &vae_config),
+        )?;
 
         let tokenizer = match source.tokenizer() {
             Some(folder) => ClipTokenizer::from_folder(folder)?,
@@ -229,10 +248,24 @@ impl SdxlPipeline {
             },
             unet,
             vae,
+            stores,
             scheduler_config,
             device,
             kind,
         })
+    }
+
+    /// The variable store holding `component`'s weights (shared with the module).
+    pub fn var_store(&self, component: Component) -> Option<&nn::VarStore> {
+        self.stores
+            .iter()
+            .find(|(c, _)| *c == component)
+            .map(|(_, vs)| vs)
+    }
+
+    /// The precision the UNet and text encoders run in.
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// The device the model is on.
@@ -385,12 +418,14 @@ fn config_or<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Builds a module on a fresh var store in `kind` on `device`, then fills it from disk.
+/// Builds a module on a fresh var store in `kind` on `device`, fills it from disk and keeps the
+/// store in `stores`.
 fn build<M>(
     source: &ModelSource,
     component: Component,
     device: Device,
     kind: Kind,
+    stores: &mut Vec<(Component, nn::VarStore)>,
     new: impl FnOnce(nn::Path) -> Result<M>,
 ) -> Result<M> {
     let mut vs = nn::VarStore::new(device);
@@ -398,6 +433,7 @@ fn build<M>(
     vs.set_kind(kind);
     source.load(&mut vs, component)?;
     vs.freeze();
+    stores.push((component, vs));
     Ok(module)
 }
 
