@@ -258,10 +258,9 @@ impl Vae {
         Self::from_weights(&config, &folder.join(WEIGHTS_FILE), device, kind)
     }
 
-    /// Builds the model for `config` and fills it from a safetensors file (every parameter must
-    /// be present; extra tensors are ignored), then casts it to `kind`.
-    ///
-    /// Reads the whole file into memory (`VarStore::load`), fine for the VAE's 335 MB.
+    /// Builds the model for `config` in `kind` and fills it from a diffusers-named safetensors
+    /// file through the engine's loader (memory-mapped; every parameter must be present with its
+    /// shape, and a tensor no parameter takes is an error).
     pub fn from_weights(
         config: &VaeConfig,
         weights: &Path,
@@ -279,8 +278,13 @@ impl Vae {
         }
         let mut var_store = nn::VarStore::new(device);
         let model = AutoencoderKL::new(var_store.root(), config)?;
-        var_store.load(weights)?;
         var_store.set_kind(kind);
+        crate::loader::load_var_store(
+            &mut var_store,
+            &[weights.to_owned()],
+            &crate::loader::KeyMap::diffusers(crate::loader::Component::Vae),
+            crate::loader::Component::Vae,
+        )?;
         var_store.freeze();
         Ok(Self { var_store, model })
     }
