@@ -5,11 +5,12 @@
 //! [`loader`] (diffusers folders and single-file checkpoints into `tch` variable stores), the CLIP
 //! [`tokenizer`], the CLIP text encoders in [`clip`], [`text_encoder`] (a prompt to SDXL's
 //! conditioning), the denoising [`unet`], the [`vae`] between pixels and latents, and the
-//! diffusion [`scheduler`]s.
+//! diffusion [`scheduler`]s, and the [`controlnet`]s that steer the UNet with a control image.
 
 use std::path::PathBuf;
 
 pub mod clip;
+pub mod controlnet;
 pub mod device;
 pub mod loader;
 pub mod pipeline;

@@ -1,5 +1,12 @@
 //! SDXL txt2img and img2img, step for step as diffusers 0.42's `StableDiffusionXLPipeline` and
-//! `StableDiffusionXLImg2ImgPipeline` run them, so the same seed gives the same image.
+//! `StableDiffusionXLImg2ImgPipeline` run them, so the same seed gives the same image; with
+//! ControlNets ([`GenerateRequest::controls`]) as `StableDiffusionXLControlNetPipeline` and
+//! `StableDiffusionXLControlNetImg2ImgPipeline` do.
+//!
+//! ControlNets are loaded once next to the base model ([`SdxlPipeline::load_controlnet`]) and
+//! named in requests by their [`ControlNetId`]. Each runs only on the steps inside its guidance
+//! window: diffusers runs it on every step and multiplies its residuals by 0 outside the window,
+//! which adds exactly nothing, so skipping it gives the same result and saves its cost.
 //!
 //! Random draws come from libtorch's default CPU generator (the one `torch.Generator("cpu")`
 //! wraps), in diffusers' order: txt2img draws the initial latents, then Euler ancestral draws one
@@ -7,6 +14,8 @@
 //! are noised with, then the per-step noise. That generator is process-wide, so generations
 //! take a process-wide lock: one at a time per process (a GPU serves one job at a time anyway).
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -16,6 +25,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
+use crate::controlnet::{ControlNet, ControlNetOutput, control_image_to_tensor};
 use crate::device::DType;
 use crate::loader::{Component, Layout, ModelSource, SourceOptions};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind, step_noise_like};
@@ -47,6 +57,9 @@ pub struct GenerateRequest {
     pub scheduler: SchedulerKind,
     /// img2img: the starting image and how much of it to repaint.
     pub init: Option<InitImage>,
+    /// ControlNets to steer the UNet with; their residuals are summed (diffusers'
+    /// `MultiControlNetModel`). Empty: the plain pipelines.
+    pub controls: Vec<ControlInput>,
 }
 
 impl Default for GenerateRequest {
@@ -61,6 +74,7 @@ impl Default for GenerateRequest {
             seed: 0,
             scheduler: SchedulerKind::Euler,
             init: None,
+            controls: Vec::new(),
         }
     }
 }
@@ -72,6 +86,70 @@ pub struct InitImage {
     pub image: RgbImage,
     /// 0 keeps the image, 1 repaints it entirely (diffusers' `strength`).
     pub strength: f64,
+}
+
+/// A ControlNet loaded into an [`SdxlPipeline`] ([`SdxlPipeline::load_controlnet`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ControlNetId(u64);
+
+impl fmt::Display for ControlNetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "controlnet#{}", self.0)
+    }
+}
+
+/// One ControlNet of a generation: diffusers' `image`/`control_image`,
+/// `controlnet_conditioning_scale` and `control_guidance_start`/`end` for that net.
+#[derive(Debug, Clone)]
+pub struct ControlInput {
+    /// Which loaded ControlNet.
+    pub controlnet: ControlNetId,
+    /// The control image (edges, depth, pose…), at the output size: the init image's for
+    /// img2img, `width × height` for txt2img. Resizing is the caller's (diffusers resizes with
+    /// PIL's Lanczos filter, which this engine does not reproduce).
+    pub image: RgbImage,
+    /// Multiplies the ControlNet's residuals (diffusers' default 1.0).
+    pub conditioning_scale: f64,
+    /// Fraction of the steps run before the ControlNet starts acting, in `[0, 1)`.
+    pub guidance_start: f64,
+    /// Fraction of the steps after which it stops acting, in `(start, 1]`.
+    pub guidance_end: f64,
+}
+
+impl ControlInput {
+    /// `image` through `controlnet` at scale 1 over every step (diffusers' defaults).
+    pub fn new(controlnet: ControlNetId, image: RgbImage) -> Self {
+        ControlInput {
+            controlnet,
+            image,
+            conditioning_scale: 1.0,
+            guidance_start: 0.0,
+            guidance_end: 1.0,
+        }
+    }
+
+    /// [`controlnet_keep`] for this input's window.
+    pub fn keep(&self, step: usize, steps: usize) -> f64 {
+        controlnet_keep(step, steps, self.guidance_start, self.guidance_end)
+    }
+}
+
+/// diffusers' `controlnet_keep[i]`: 1 while step `step` (from 0) of the `steps` a run takes lies
+/// inside the window `[start, end]`, 0 outside:
+/// `1.0 - float(i / len(timesteps) < s or (i + 1) / len(timesteps) > e)`. For img2img `steps`
+/// counts the steps actually run (after `strength`).
+pub fn controlnet_keep(step: usize, steps: usize, start: f64, end: f64) -> f64 {
+    let n = steps as f64;
+    let outside = (step as f64) / n < start || (step as f64 + 1.0) / n > end;
+    if outside { 0.0 } else { 1.0 }
+}
+
+/// A control input checked against its ControlNet and made a tensor.
+struct PreparedControl<'a> {
+    net: &'a ControlNet,
+    /// `[batch, 3, H, W]` in `[0, 1]`, duplicated for CFG.
+    image: Tensor,
+    input: &'a ControlInput,
 }
 
 /// Held while a generation seeds and draws from libtorch's process-wide CPU generator, and while
@@ -112,6 +190,8 @@ pub struct SdxlPipeline {
     /// The weights of each component, shared with the modules: editing a variable in place
     /// (LoRA fusing) changes the module.
     stores: Vec<(Component, nn::VarStore)>,
+    controlnets: BTreeMap<ControlNetId, ControlNet>,
+    next_controlnet: u64,
     scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
@@ -249,6 +329,8 @@ impl SdxlPipeline {
             unet,
             vae,
             stores,
+            controlnets: BTreeMap::new(),
+            next_controlnet: 0,
             scheduler_config,
             device,
             kind,
@@ -291,6 +373,9 @@ impl SdxlPipeline {
     ) -> Result<Generated> {
         let mut timings = Timings::default();
         let guided = request.guidance > 1.0;
+        let started = Instant::now();
+        let controls = self.prepare_controls(request, guided)?;
+        timings.prepare = started.elapsed();
         tch::manual_seed(request.seed);
 
         let started = Instant::now();
@@ -349,7 +434,7 @@ impl SdxlPipeline {
         } else {
             time_ids
         };
-        timings.prepare = started.elapsed();
+        timings.prepare += started.elapsed();
 
         let started = Instant::now();
         let first = scheduler.begin_index();
@@ -366,9 +451,35 @@ impl SdxlPipeline {
                 text_embeds: &pooled,
                 time_ids: &time_ids,
             };
-            let prediction =
-                self.unet
-                    .forward(&model_input, timesteps[index], &hidden, Some(&added))?;
+            // StableDiffusionXLControlNet(Img2Img)Pipeline: every ControlNet in its window sees
+            // the UNet's input and text conditioning; `cond_scale = scale × keep`.
+            let mut control: Option<ControlNetOutput> = None;
+            for prepared in &controls {
+                let keep = prepared.input.keep(done, total);
+                if keep == 0.0 {
+                    continue;
+                }
+                let output = prepared.net.model().forward(
+                    &model_input,
+                    timesteps[index],
+                    &hidden,
+                    &prepared.image,
+                    prepared.input.conditioning_scale * keep,
+                    Some(&added),
+                )?;
+                match &mut control {
+                    Some(sum) => sum.accumulate(&output)?,
+                    None => control = Some(output),
+                }
+            }
+            let residuals = control.as_ref().map(ControlNetOutput::residuals);
+            let prediction = self.unet.forward_with_control(
+                &model_input,
+                timesteps[index],
+                &hidden,
+                Some(&added),
+                residuals.as_ref(),
+            )?;
             let prediction = if guided {
                 let halves = prediction.chunk(2, 0);
                 let (uncond, text) = (&halves[0], &halves[1]);
@@ -400,6 +511,133 @@ impl SdxlPipeline {
             latents: latents.to_kind(Kind::Float).to_device(Device::Cpu),
             timings,
         })
+    }
+}
+
+impl SdxlPipeline {
+    /// Loads a diffusers ControlNet folder (`config.json` + `diffusion_pytorch_model.safetensors`,
+    /// or its fp16 variant) onto the pipeline's device in its precision, for requests to name.
+    /// Refuses a ControlNet made for another base model ([`EngineError::InvalidConfig`] listing
+    /// what differs).
+    pub fn load_controlnet(&mut self, dir: &Path) -> Result<ControlNetId> {
+        let net = ControlNet::load(dir, self.device, dtype_of(self.kind))?;
+        self.add_controlnet(net)
+    }
+
+    /// Adds a ControlNet loaded elsewhere; it must be on the pipeline's device, in its
+    /// precision, and made for its UNet.
+    pub fn add_controlnet(&mut self, net: ControlNet) -> Result<ControlNetId> {
+        let config = net.config();
+        config.check_compatible(self.unet.config())?;
+        if config.global_pool_conditions {
+            return Err(EngineError::InvalidConfig {
+                component: "controlnet",
+                message: "global_pool_conditions is not supported (diffusers runs such \
+                          ControlNets in guess mode; no SDXL ControlNet uses it)"
+                    .to_owned(),
+            });
+        }
+        if net.device() != self.device || net.kind() != self.kind {
+            return Err(EngineError::InvalidConfig {
+                component: "controlnet",
+                message: format!(
+                    "loaded on {:?} in {:?}, the pipeline runs on {:?} in {:?}",
+                    net.device(),
+                    net.kind(),
+                    self.device,
+                    self.kind
+                ),
+            });
+        }
+        let id = ControlNetId(self.next_controlnet);
+        self.next_controlnet += 1;
+        self.controlnets.insert(id, net);
+        Ok(id)
+    }
+
+    /// A loaded ControlNet.
+    pub fn controlnet(&self, id: ControlNetId) -> Option<&ControlNet> {
+        self.controlnets.get(&id)
+    }
+
+    /// The loaded ControlNets' ids, oldest first.
+    pub fn controlnet_ids(&self) -> Vec<ControlNetId> {
+        self.controlnets.keys().copied().collect()
+    }
+
+    /// Unloads a ControlNet (its memory is freed when the returned value is dropped).
+    pub fn remove_controlnet(&mut self, id: ControlNetId) -> Option<ControlNet> {
+        self.controlnets.remove(&id)
+    }
+
+    /// Checks the request's control inputs (known ControlNet, scale, window, image at the output
+    /// size) and converts their images as diffusers' `prepare_image` does: `[0, 1]` floats in
+    /// the ControlNet's precision, twice for classifier-free guidance.
+    fn prepare_controls<'a>(
+        &'a self,
+        request: &'a GenerateRequest,
+        guided: bool,
+    ) -> Result<Vec<PreparedControl<'a>>> {
+        let (width, height) = match &request.init {
+            Some(init) => init.image.dimensions(),
+            None => (request.width, request.height),
+        };
+        let invalid = |message: String| EngineError::InvalidInput {
+            component: "controlnet",
+            message,
+        };
+        request
+            .controls
+            .iter()
+            .enumerate()
+            .map(|(i, input)| {
+                let net = self.controlnets.get(&input.controlnet).ok_or_else(|| {
+                    invalid(format!(
+                        "control {i}: {} is not loaded in this pipeline",
+                        input.controlnet
+                    ))
+                })?;
+                if !input.conditioning_scale.is_finite() {
+                    return Err(invalid(format!(
+                        "control {i}: conditioning scale {} is not finite",
+                        input.conditioning_scale
+                    )));
+                }
+                let (start, end) = (input.guidance_start, input.guidance_end);
+                // diffusers' check_inputs.
+                if !(0.0..=1.0).contains(&start) || !(0.0..=1.0).contains(&end) || start >= end {
+                    return Err(invalid(format!(
+                        "control {i}: guidance window {start}–{end} must satisfy \
+                         0 ≤ start < end ≤ 1"
+                    )));
+                }
+                if input.image.dimensions() != (width, height) {
+                    return Err(invalid(format!(
+                        "control {i}: the control image is {}×{}, the output {width}×{height} \
+                         (resize it to the output size first)",
+                        input.image.width(),
+                        input.image.height()
+                    )));
+                }
+                let image = control_image_to_tensor(&input.image)
+                    .to_device(net.device())
+                    .to_kind(net.kind());
+                let image = if guided {
+                    Tensor::cat(&[&image, &image], 0)
+                } else {
+                    image
+                };
+                Ok(PreparedControl { net, image, input })
+            })
+            .collect()
+    }
+}
+
+fn dtype_of(kind: Kind) -> DType {
+    match kind {
+        Kind::Half => DType::F16,
+        Kind::BFloat16 => DType::Bf16,
+        _ => DType::F32,
     }
 }
 

@@ -92,7 +92,7 @@ fn diffusers_folder_components_and_configs() {
     let source = open(&folder(), DType::F32);
     assert_eq!(source.layout(), Layout::Diffusers);
     for component in Component::ALL {
-        let c = source.component(component);
+        let c = source.component(component).unwrap();
         let dir = folder().join(component.name());
         assert_eq!(c.config.as_deref(), Some(dir.join("config.json").as_path()));
         let stem = match component {
@@ -126,7 +126,7 @@ fn single_file_reads_as_the_diffusers_folder() {
     let single = open_single_file();
     assert_eq!(single.layout(), Layout::SingleFile);
     for component in Component::ALL {
-        let c = single.component(component);
+        let c = single.component(component).unwrap();
         assert_eq!(c.files, vec![single_file()]);
         assert_eq!(
             c.config.as_deref(),
@@ -235,7 +235,7 @@ fn loads_onto_cuda_when_present() {
 #[test]
 fn single_file_with_the_wrong_config_is_an_error() {
     let single = open(&single_file(), DType::F32);
-    assert!(single.component(Component::Vae).config.is_none());
+    assert!(single.component(Component::Vae).unwrap().config.is_none());
     let expected = open(&folder(), DType::F32)
         .read_component(Component::Vae)
         .unwrap();
@@ -283,8 +283,10 @@ fn fp16_variant_preference_and_fallback() {
     let half = open(&folder(), DType::F16);
     let full = open(&folder(), DType::Bf16);
     for component in Component::ALL {
-        assert!(file_name(&half.component(component).files[0]).ends_with(".fp16.safetensors"));
-        assert!(!file_name(&full.component(component).files[0]).contains("fp16"));
+        assert!(
+            file_name(&half.component(component).unwrap().files[0]).ends_with(".fp16.safetensors")
+        );
+        assert!(!file_name(&full.component(component).unwrap().files[0]).contains("fp16"));
     }
     // The fp16 files hold the f32 weights rounded to f16.
     let rounded: HashMap<String, Tensor> = full
@@ -306,8 +308,10 @@ fn fp16_variant_preference_and_fallback() {
     let fallback = open(&only_half, DType::F32);
     let fallback_full = open(&only_full, DType::F16);
     for component in Component::ALL {
-        assert!(file_name(&fallback.component(component).files[0]).contains(".fp16."));
-        assert!(!file_name(&fallback_full.component(component).files[0]).contains(".fp16."));
+        assert!(file_name(&fallback.component(component).unwrap().files[0]).contains(".fp16."));
+        assert!(
+            !file_name(&fallback_full.component(component).unwrap().files[0]).contains(".fp16.")
+        );
     }
 }
 
@@ -322,7 +326,7 @@ fn sharded_components_load_like_single_files() {
         ),
         (Component::TextEncoder2, "model.safetensors.index.json"),
     ] {
-        let c = sharded.component(component);
+        let c = sharded.component(component).unwrap();
         assert!(c.files.len() > 1, "{component}: {:?}", c.files);
         assert_eq!(file_name(c.index.as_deref().unwrap()), index);
         let expected = diffusers.read_component(component).unwrap();
@@ -640,7 +644,7 @@ fn skipping_a_prefix() {
         .filter(|(k, _)| !k.starts_with("encoder.") && !k.starts_with("quant_conv."))
         .collect();
     let mut vs = var_store_like(&expected);
-    let c = diffusers.component(Component::Vae);
+    let c = diffusers.component(Component::Vae).unwrap();
     let err = load_var_store(&mut vs, &c.files, &c.key_map, Component::Vae).unwrap_err();
     assert!(matches!(err, ModelError::UnexpectedTensor { .. }), "{err}");
     let key_map = c

@@ -42,6 +42,7 @@ fn request(case: &Path, init: &Path) -> GenerateRequest {
             image: image::open(init).unwrap().to_rgb8(),
             strength,
         }),
+        controls: Vec::new(),
     }
 }
 

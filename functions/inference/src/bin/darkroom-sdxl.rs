@@ -4,17 +4,26 @@
 //! darkroom-sdxl --model PATH --prompt TEXT [--negative-prompt TEXT]
 //!   [--init-image PNG --strength F] [--width W --height H] --steps N --guidance F --seed S
 //!   --scheduler euler|euler-a|dpmpp-2m-karras|ddim [--device cpu|cuda] [--dtype f32|f16|bf16]
-//!   --out OUT.png [--save-latents OUT.safetensors]
+//!   [--controlnet DIR:IMAGE[:SCALE[:START:END]]]... --out OUT.png [--save-latents OUT.safetensors]
 //! ```
+//!
+//! `--controlnet` (repeatable) steers the image with a diffusers ControlNet folder and a control
+//! image at the output size (the init image's size for img2img); SCALE defaults to 1, the window
+//! START:END to 0:1 (fractions of the steps). The value is read from the right: up to three
+//! trailing numbers, then IMAGE after the last remaining `:` and DIR before it — or, when DIR
+//! itself contains `:`, the longest prefix that is an existing folder. Several `--controlnet`s
+//! naming the same DIR load it once.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
 use darkroom_inference::device::{DType, DeviceSpec, resolve};
-use darkroom_inference::pipeline::{GenerateRequest, InitImage, SdxlPipeline};
+use darkroom_inference::pipeline::{ControlInput, GenerateRequest, InitImage, SdxlPipeline};
 use darkroom_inference::scheduler::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -67,6 +76,11 @@ struct Args {
     /// f32, f16 or bf16 (f16 needs a GPU).
     #[arg(long)]
     dtype: Option<DType>,
+    /// A ControlNet, repeatable: `DIR:IMAGE[:SCALE[:START:END]]`. DIR is a diffusers ControlNet
+    /// folder, IMAGE a control image at the output size, SCALE its weight (default 1), START:END
+    /// the fraction of the steps it acts on (default 0:1).
+    #[arg(long = "controlnet", value_name = "DIR:IMAGE[:SCALE[:START:END]]")]
+    controlnets: Vec<ControlSpec>,
     /// Where to write the PNG.
     #[arg(long)]
     out: PathBuf,
@@ -84,8 +98,33 @@ fn main() -> anyhow::Result<()> {
     let (device, _) = resolve(args.device, dtype)?;
 
     let started = Instant::now();
-    let pipeline = SdxlPipeline::load(&args.model, args.config.as_deref(), device, dtype)
+    let mut pipeline = SdxlPipeline::load(&args.model, args.config.as_deref(), device, dtype)
         .with_context(|| format!("loading {}", args.model.display()))?;
+    let mut loaded = HashMap::new();
+    let mut controls = Vec::with_capacity(args.controlnets.len());
+    for spec in &args.controlnets {
+        let id = match loaded.get(&spec.dir) {
+            Some(id) => *id,
+            None => {
+                let id = pipeline
+                    .load_controlnet(&spec.dir)
+                    .with_context(|| format!("loading ControlNet {}", spec.dir.display()))?;
+                loaded.insert(spec.dir.clone(), id);
+                id
+            }
+        };
+        controls.push(ControlInput {
+            conditioning_scale: spec.scale,
+            guidance_start: spec.start,
+            guidance_end: spec.end,
+            ..ControlInput::new(
+                id,
+                image::open(&spec.image)
+                    .with_context(|| format!("reading {}", spec.image.display()))?
+                    .to_rgb8(),
+            )
+        });
+    }
     let load_time = started.elapsed();
 
     let init = match &args.init_image {
@@ -107,6 +146,7 @@ fn main() -> anyhow::Result<()> {
         seed: args.seed,
         scheduler: args.scheduler,
         init,
+        controls,
     };
     let progress = if std::io::stderr().is_terminal() {
         ProgressBar::new(0)
@@ -147,4 +187,122 @@ fn main() -> anyhow::Result<()> {
         t.decode.as_secs_f64(),
     );
     Ok(())
+}
+
+/// One `--controlnet DIR:IMAGE[:SCALE[:START:END]]`.
+#[derive(Debug, Clone, PartialEq)]
+struct ControlSpec {
+    dir: PathBuf,
+    image: PathBuf,
+    scale: f64,
+    start: f64,
+    end: f64,
+}
+
+impl FromStr for ControlSpec {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = value.split(':').collect();
+        let number = |part: &str| part.parse::<f64>().ok().filter(|n| n.is_finite());
+        // DIR and IMAGE take at least one part each.
+        let trailing = parts
+            .iter()
+            .skip(2)
+            .rev()
+            .take_while(|part| number(part).is_some())
+            .count()
+            .min(3);
+        let (paths, numbers) = match trailing {
+            2 => {
+                return Err(format!(
+                    "{value:?}: a guidance window needs both START and END, after SCALE \
+                     (DIR:IMAGE[:SCALE[:START:END]])"
+                ));
+            }
+            n => parts.split_at(parts.len() - n),
+        };
+        let numbers: Vec<f64> = numbers.iter().filter_map(|part| number(part)).collect();
+        let (scale, start, end) = match numbers[..] {
+            [] => (1.0, 0.0, 1.0),
+            [scale] => (scale, 0.0, 1.0),
+            [scale, start, end] => (scale, start, end),
+            _ => return Err(format!("{value:?}: expected DIR:IMAGE[:SCALE[:START:END]]")),
+        };
+        let (dir, image) = split_dir_image(paths)
+            .ok_or_else(|| format!("{value:?}: expected DIR:IMAGE[:SCALE[:START:END]]"))?;
+        Ok(ControlSpec {
+            dir,
+            image,
+            scale,
+            start,
+            end,
+        })
+    }
+}
+
+/// `DIR:IMAGE` from its `:`-separated parts: the longest prefix that is an existing folder is
+/// DIR; if none is, IMAGE is the last part.
+fn split_dir_image(parts: &[&str]) -> Option<(PathBuf, PathBuf)> {
+    if parts.len() < 2 || parts.iter().any(|part| part.is_empty()) {
+        return None;
+    }
+    let split = (1..parts.len())
+        .rev()
+        .find(|&at| Path::new(&parts[..at].join(":")).is_dir())
+        .unwrap_or(parts.len() - 1);
+    Some((
+        PathBuf::from(parts[..split].join(":")),
+        PathBuf::from(parts[split..].join(":")),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn spec(value: &str) -> ControlSpec {
+        value.parse().unwrap()
+    }
+
+    #[test]
+    fn controlnet_values_parse_from_the_right() {
+        let plain = spec("nets/canny:edges.png");
+        assert_eq!(plain.dir, PathBuf::from("nets/canny"));
+        assert_eq!(plain.image, PathBuf::from("edges.png"));
+        assert_eq!((plain.scale, plain.start, plain.end), (1.0, 0.0, 1.0));
+        let scaled = spec("nets/canny:edges.png:0.8");
+        assert_eq!((scaled.scale, scaled.start, scaled.end), (0.8, 0.0, 1.0));
+        let windowed = spec("nets/canny:edges.png:0.5:0.1:0.6");
+        assert_eq!(windowed.image, PathBuf::from("edges.png"));
+        assert_eq!(
+            (windowed.scale, windowed.start, windowed.end),
+            (0.5, 0.1, 0.6)
+        );
+        // A ':' in an image name that is not a number stays in the path.
+        let odd = spec("dir:a:b.png");
+        assert_eq!(odd.dir, PathBuf::from("dir:a"));
+        assert_eq!(odd.image, PathBuf::from("b.png"));
+        assert!(
+            "nets/canny:edges.png:0.5:0.1"
+                .parse::<ControlSpec>()
+                .is_err()
+        );
+        assert!("nets/canny".parse::<ControlSpec>().is_err());
+        assert!("nets/canny:".parse::<ControlSpec>().is_err());
+    }
+
+    #[test]
+    fn a_folder_with_a_colon_is_found_on_disk() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cn:v1");
+        std::fs::create_dir(&dir).unwrap();
+        let value = format!("{}:pose:left.png:1.2", dir.display());
+        let parsed = spec(&value);
+        assert_eq!(parsed.dir, dir);
+        assert_eq!(parsed.image, PathBuf::from("pose:left.png"));
+        assert_eq!(parsed.scale, 1.2);
+    }
 }

@@ -91,6 +91,45 @@ pub struct ComponentSource {
     pub key_map: KeyMap,
 }
 
+impl ComponentSource {
+    /// A standalone diffusers model folder, as `ModelMixin.save_pretrained` writes it:
+    /// `config.json` and `diffusion_pytorch_model[.fp16].safetensors` (or shards), preferring
+    /// `variant`'s files. This is how ControlNets are distributed (e.g.
+    /// `diffusers/controlnet-canny-sdxl-1.0`). Pickled weights are refused.
+    pub fn model_folder(
+        dir: impl AsRef<Path>,
+        component: Component,
+        variant: WeightVariant,
+    ) -> Result<Self, ModelError> {
+        let dir = dir.as_ref();
+        let metadata = std::fs::metadata(dir).map_err(|e| ModelError::io(dir, e))?;
+        if !metadata.is_dir() {
+            return Err(ModelError::UnsupportedFormat {
+                path: dir.to_owned(),
+                hint: format!(
+                    "a {component} must be a diffusers model folder (config.json and \
+                     {}.safetensors)",
+                    component.weights_stem()
+                ),
+            });
+        }
+        let config = existing(dir.join("config.json"))?;
+        let (files, index) = find_weights(dir, component.weights_stem(), variant)?;
+        Ok(ComponentSource {
+            component,
+            files,
+            index,
+            config: Some(config),
+            key_map: KeyMap::diffusers(component),
+        })
+    }
+
+    /// Fills `vs` with the weights: [`super::load_var_store`] with these files and key map.
+    pub fn load(&self, vs: &mut tch::nn::VarStore) -> Result<(), ModelError> {
+        super::load_var_store(vs, &self.files, &self.key_map, self.component)
+    }
+}
+
 /// A model on disk: which layout, and where each component's files are.
 #[derive(Debug, Clone)]
 pub struct ModelSource {
@@ -144,16 +183,24 @@ impl ModelSource {
         self.layout
     }
 
-    /// Where `component`'s weights and config are.
-    pub fn component(&self, component: Component) -> &ComponentSource {
+    /// Where `component`'s weights and config are; `None` for a component outside
+    /// [`Component::ALL`] (a ControlNet is not part of the base model).
+    pub fn component(&self, component: Component) -> Option<&ComponentSource> {
         // `open` builds one entry per component, in `Component::ALL` order.
-        &self.components[component.slot()]
+        self.components.get(component.slot()?)
+    }
+
+    fn required(&self, component: Component) -> Result<&ComponentSource, ModelError> {
+        self.component(component)
+            .ok_or_else(|| ModelError::NotFound {
+                path: self.path.join(component.name()),
+            })
     }
 
     /// `component`'s `config.json`, parsed; `None` when there is none (single file without a
     /// config folder).
     pub fn config_json(&self, component: Component) -> Result<Option<Value>, ModelError> {
-        self.component(component)
+        self.required(component)?
             .config
             .as_deref()
             .map(read_json)
@@ -178,7 +225,7 @@ impl ModelSource {
     /// Fills `vs` with `component`'s weights: [`super::load_var_store`] with this source's
     /// files and key map.
     pub fn load(&self, vs: &mut tch::nn::VarStore, component: Component) -> Result<(), ModelError> {
-        let source = self.component(component);
+        let source = self.required(component)?;
         super::load_var_store(vs, &source.files, &source.key_map, component)
     }
 
@@ -188,7 +235,7 @@ impl ModelSource {
         &self,
         component: Component,
     ) -> Result<std::collections::HashMap<String, tch::Tensor>, ModelError> {
-        let source = self.component(component);
+        let source = self.required(component)?;
         super::read_tensors(&source.files, &source.key_map, component)
     }
 

@@ -56,10 +56,13 @@ pub enum Component {
     TextEncoder,
     /// `CLIPTextModelWithProjection` (OpenCLIP ViT-bigG/14).
     TextEncoder2,
+    /// `ControlNetModel`: not part of [`Component::ALL`]; read from its own diffusers model
+    /// folder with [`ComponentSource::model_folder`].
+    ControlNet,
 }
 
 impl Component {
-    /// All components, in the order a pipeline usually loads them.
+    /// The components of an SDXL pipeline, in the order a pipeline usually loads them.
     pub const ALL: [Component; 4] = [
         Component::TextEncoder,
         Component::TextEncoder2,
@@ -74,16 +77,18 @@ impl Component {
             Component::Vae => "vae",
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
+            Component::ControlNet => "controlnet",
         }
     }
 
-    /// Position in [`Component::ALL`].
-    pub(crate) fn slot(self) -> usize {
+    /// Position in [`Component::ALL`], if there.
+    pub(crate) fn slot(self) -> Option<usize> {
         match self {
-            Component::TextEncoder => 0,
-            Component::TextEncoder2 => 1,
-            Component::Unet => 2,
-            Component::Vae => 3,
+            Component::TextEncoder => Some(0),
+            Component::TextEncoder2 => Some(1),
+            Component::Unet => Some(2),
+            Component::Vae => Some(3),
+            Component::ControlNet => None,
         }
     }
 
@@ -91,7 +96,7 @@ impl Component {
     /// `diffusion_pytorch_model.safetensors`, transformers models `model.safetensors`.
     pub(crate) fn weights_stem(self) -> &'static str {
         match self {
-            Component::Unet | Component::Vae => "diffusion_pytorch_model",
+            Component::Unet | Component::Vae | Component::ControlNet => "diffusion_pytorch_model",
             Component::TextEncoder | Component::TextEncoder2 => "model",
         }
     }

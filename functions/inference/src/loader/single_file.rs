@@ -206,6 +206,12 @@ impl Rules {
                 rules.ignored = &["model.logit_scale"];
                 rules.add_open_clip(layers);
             }
+            Component::ControlNet => {
+                return Err("ControlNets are read from diffusers model folders \
+                            (config.json + diffusion_pytorch_model.safetensors), not from \
+                            single-file checkpoints"
+                    .to_owned());
+            }
         }
         Ok(rules)
     }

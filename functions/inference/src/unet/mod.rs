@@ -279,7 +279,7 @@ impl UNetConfig {
     }
 
     /// Checks everything [`UNet2DConditionModel::new`] relies on; returns the per-level layout.
-    fn layout(&self) -> Result<Layout> {
+    pub(crate) fn layout(&self) -> Result<Layout> {
         let levels = self.down_block_types.len();
         if levels == 0 {
             return Err(invalid_config("down_block_types is empty".to_owned()));
@@ -446,23 +446,29 @@ impl UNetConfig {
 }
 
 /// The validated, per-level view of a [`UNetConfig`].
-struct Layout {
+pub(crate) struct Layout {
     /// Whether each down block (down-path order) has cross-attention.
-    down: Vec<bool>,
+    pub(crate) down: Vec<bool>,
     /// Whether each up block (up-path order) has cross-attention.
-    up: Vec<bool>,
-    layers: Vec<i64>,
-    transformer_layers: Vec<i64>,
-    cross_attention_dim: Vec<i64>,
-    heads: Vec<i64>,
-    resnet: ResnetSettings,
-    time_embed_act: Option<Activation>,
+    pub(crate) up: Vec<bool>,
+    /// Resnets per down block.
+    pub(crate) layers: Vec<i64>,
+    /// Transformer blocks per level.
+    pub(crate) transformer_layers: Vec<i64>,
+    /// Width of the text states per level.
+    pub(crate) cross_attention_dim: Vec<i64>,
+    /// Attention heads per level.
+    pub(crate) heads: Vec<i64>,
+    /// Settings every resnet shares.
+    pub(crate) resnet: ResnetSettings,
+    /// Activation after the summed embeddings.
+    pub(crate) time_embed_act: Option<Activation>,
     /// `(addition_time_embed_dim, projection_class_embeddings_input_dim)` for `text_time`.
-    added: Option<(i64, i64)>,
+    pub(crate) added: Option<(i64, i64)>,
 }
 
 impl Layout {
-    fn attention(&self, config: &UNetConfig, level: usize) -> AttentionSettings {
+    pub(crate) fn attention(&self, config: &UNetConfig, level: usize) -> AttentionSettings {
         AttentionSettings {
             num_attention_heads: self.heads[level],
             transformer_layers: self.transformer_layers[level],
@@ -555,13 +561,8 @@ pub struct ControlResiduals<'a> {
 pub struct UNet2DConditionModel {
     config: UNetConfig,
     conv_in: nn::Conv2D,
-    time_proj: Timesteps,
-    time_embedding: TimestepEmbedding,
-    /// `add_time_proj` and `add_embedding` of the `text_time` conditioning.
-    add_time: Option<(Timesteps, TimestepEmbedding)>,
-    projection_input_dim: i64,
+    time: TimeConditioning,
     context_dim: i64,
-    time_embed_act: Option<Activation>,
     down_blocks: Vec<DownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UpBlock>,
@@ -583,8 +584,6 @@ impl UNet2DConditionModel {
         let c = config;
         let channels = &c.block_out_channels;
         let levels = channels.len();
-        let device = path.device();
-        let time_embed_dim = c.time_embed_dim();
         let resnet = layout.resnet;
 
         let conv_in = conv2d(
@@ -595,27 +594,7 @@ impl UNet2DConditionModel {
             1,
             (c.conv_in_kernel - 1) / 2,
         );
-        let time_proj = Timesteps::new(channels[0], c.flip_sin_to_cos, c.freq_shift, device);
-        let time_embedding = TimestepEmbedding::new(
-            &path / "time_embedding",
-            channels[0],
-            time_embed_dim,
-            resnet.act,
-        )?;
-        let add_time = layout
-            .added
-            .map(|(time_dim, input_dim)| -> Result<_> {
-                Ok((
-                    Timesteps::new(time_dim, c.flip_sin_to_cos, c.freq_shift, device),
-                    TimestepEmbedding::new(
-                        &path / "add_embedding",
-                        input_dim,
-                        time_embed_dim,
-                        Activation::Silu,
-                    )?,
-                ))
-            })
-            .transpose()?;
+        let time = TimeConditioning::new(&path, c, &layout, COMPONENT)?;
 
         let mut down_blocks = Vec::with_capacity(levels);
         for (i, &cross) in layout.down.iter().enumerate() {
@@ -680,12 +659,8 @@ impl UNet2DConditionModel {
         Ok(Self {
             config: config.clone(),
             conv_in,
-            time_proj,
-            time_embedding,
-            projection_input_dim: layout.added.map_or(0, |(_, input)| input),
+            time,
             context_dim: layout.cross_attention_dim[levels - 1],
-            add_time,
-            time_embed_act: layout.time_embed_act,
             down_blocks,
             mid_block,
             up_blocks,
@@ -791,7 +766,7 @@ impl UNet2DConditionModel {
             sample
         };
 
-        let emb = self.time_embed(sample, batch, timestep.into(), added)?;
+        let emb = self.time.forward(sample, batch, timestep.into(), added)?;
         let context = encoder_hidden_states;
 
         let mut hidden = self.conv_in.forward(sample);
@@ -851,11 +826,70 @@ impl UNet2DConditionModel {
         let hidden = self.conv_act.forward(&self.conv_norm_out.forward(&hidden));
         Ok(self.conv_out.forward(&hidden))
     }
+}
+
+/// The embedding every resnet receives, shared by the UNet and its ControlNets: the time MLP of
+/// the sinusoidal timestep features plus, for `text_time`, the embedding of the pooled text and
+/// the micro-conditioning ids (diffusers' `get_time_embed` + `time_embedding` + `get_aug_embed`).
+#[derive(Debug)]
+pub(crate) struct TimeConditioning {
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    /// `add_time_proj` and `add_embedding` of the `text_time` conditioning.
+    add_time: Option<(Timesteps, TimestepEmbedding)>,
+    projection_input_dim: i64,
+    act: Option<Activation>,
+    /// Named in input errors.
+    component: &'static str,
+}
+
+impl TimeConditioning {
+    /// Builds `time_embedding` and `add_embedding` under `path`.
+    pub(crate) fn new(
+        path: &nn::Path,
+        config: &UNetConfig,
+        layout: &Layout,
+        component: &'static str,
+    ) -> Result<Self> {
+        let c = config;
+        let channels = &c.block_out_channels;
+        let device = path.device();
+        let time_embed_dim = c.time_embed_dim();
+        let time_proj = Timesteps::new(channels[0], c.flip_sin_to_cos, c.freq_shift, device);
+        let time_embedding = TimestepEmbedding::new(
+            path / "time_embedding",
+            channels[0],
+            time_embed_dim,
+            layout.resnet.act,
+        )?;
+        let add_time = layout
+            .added
+            .map(|(time_dim, input_dim)| -> Result<_> {
+                Ok((
+                    Timesteps::new(time_dim, c.flip_sin_to_cos, c.freq_shift, device),
+                    TimestepEmbedding::new(
+                        path / "add_embedding",
+                        input_dim,
+                        time_embed_dim,
+                        Activation::Silu,
+                    )?,
+                ))
+            })
+            .transpose()?;
+        Ok(Self {
+            time_proj,
+            time_embedding,
+            add_time,
+            projection_input_dim: layout.added.map_or(0, |(_, input)| input),
+            act: layout.time_embed_act,
+            component,
+        })
+    }
 
     /// The embedding every resnet receives: time MLP of the sinusoidal timestep features, plus
     /// the `text_time` embedding (diffusers' `get_time_embed` + `time_embedding` +
     /// `get_aug_embed`).
-    fn time_embed(
+    pub(crate) fn forward(
         &self,
         sample: &Tensor,
         batch: i64,
@@ -871,9 +905,10 @@ impl UNet2DConditionModel {
                     [] => t.expand([batch], false),
                     [n] if n == 1 || n == batch => t.expand([batch], false),
                     ref other => {
-                        return Err(invalid_input(format!(
-                            "timestep must be [], [1] or [{batch}], got {other:?}"
-                        )));
+                        return Err(invalid_input_of(
+                            self.component,
+                            format!("timestep must be [], [1] or [{batch}], got {other:?}"),
+                        ));
                     }
                 }
             }
@@ -883,7 +918,8 @@ impl UNet2DConditionModel {
 
         if let Some((add_time_proj, add_embedding)) = &self.add_time {
             let added = added.ok_or_else(|| {
-                invalid_input(
+                invalid_input_of(
+                    self.component,
                     "addition_embed_type \"text_time\" needs text_embeds and time_ids".to_owned(),
                 )
             })?;
@@ -895,12 +931,15 @@ impl UNet2DConditionModel {
                 && ids % batch == 0
                 && text_size[1] + ids / batch * time_width == self.projection_input_dim;
             if !fits {
-                return Err(invalid_input(format!(
-                    "text_embeds {text_size:?} and time_ids {:?} do not make the \
+                return Err(invalid_input_of(
+                    self.component,
+                    format!(
+                        "text_embeds {text_size:?} and time_ids {:?} do not make the \
                      {}-wide input of add_embedding for batch {batch}",
-                    added.time_ids.size(),
-                    self.projection_input_dim
-                )));
+                        added.time_ids.size(),
+                        self.projection_input_dim
+                    ),
+                ));
             }
             let time_embeds = add_time_proj
                 .forward(&added.time_ids.flatten(0, -1))
@@ -915,7 +954,7 @@ impl UNet2DConditionModel {
             emb += add_embedding.forward(&add_embeds);
         }
 
-        Ok(match self.time_embed_act {
+        Ok(match self.act {
             Some(act) => act.forward(&emb),
             None => emb,
         })
@@ -923,7 +962,7 @@ impl UNet2DConditionModel {
 }
 
 /// Group norms need a positive group count dividing the channels (PyTorch refuses others).
-fn check_groups(channels: i64, groups: i64) -> Result<()> {
+pub(crate) fn check_groups(channels: i64, groups: i64) -> Result<()> {
     if groups <= 0 || channels % groups != 0 {
         return Err(invalid_config(format!(
             "{channels} channels do not split into {groups} groups"
@@ -940,10 +979,11 @@ fn invalid_config(message: String) -> EngineError {
 }
 
 fn invalid_input(message: String) -> EngineError {
-    EngineError::InvalidInput {
-        component: COMPONENT,
-        message,
-    }
+    invalid_input_of(COMPONENT, message)
+}
+
+fn invalid_input_of(component: &'static str, message: String) -> EngineError {
+    EngineError::InvalidInput { component, message }
 }
 
 // Layer builders. Parameters start at zero (a fill, no random generator, no init cost beyond
@@ -962,7 +1002,7 @@ fn linear(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> nn::Linear {
     )
 }
 
-fn conv2d(
+pub(crate) fn conv2d(
     path: nn::Path,
     in_dim: i64,
     out_dim: i64,
