@@ -405,6 +405,7 @@ fn run_darkroom(
         seed: args.seed,
         scheduler: SchedulerKind::Euler,
         init: None,
+        controls: Vec::new(),
     };
     let once = || -> anyhow::Result<(f64, f64, usize)> {
         sync();
