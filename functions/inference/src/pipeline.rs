@@ -18,6 +18,7 @@ use tch::{Device, Kind, Tensor, nn};
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::device::DType;
 use crate::loader::{Component, Layout, ModelSource, SourceOptions};
+use crate::lora::{LoraFuser, LoraSwitch, LoraTarget, LoraWeights};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind, step_noise_like};
 use crate::text_encoder::{PromptRequest, SdxlTextEncoders, TextConditioning};
 use crate::tokenizer::ClipTokenizer;
@@ -112,6 +113,8 @@ pub struct SdxlPipeline {
     /// The weights of each component, shared with the modules: editing a variable in place
     /// (LoRA fusing) changes the module.
     stores: Vec<(Component, nn::VarStore)>,
+    /// Pristine copies of LoRA-adapted weights and the current LoRA set.
+    loras: LoraFuser,
     scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
@@ -249,6 +252,7 @@ impl SdxlPipeline {
             unet,
             vae,
             stores,
+            loras: LoraFuser::new(),
             scheduler_config,
             device,
             kind,
@@ -400,6 +404,34 @@ impl SdxlPipeline {
             latents: latents.to_kind(Kind::Float).to_device(Device::Cpu),
             timings,
         })
+    }
+
+    /// The model LoRAs are resolved against (the UNet's and text encoders' weights).
+    pub fn lora_target(&self) -> Result<LoraTarget> {
+        let config =
+            serde_json::to_value(self.unet.config()).map_err(|e| EngineError::InvalidConfig {
+                component: "unet",
+                message: e.to_string(),
+            })?;
+        Ok(LoraTarget::new(&self.store_refs(), Some(&config)))
+    }
+
+    /// Reads a LoRA file for this model (factors on its device); see [`LoraWeights::load`].
+    pub fn load_lora(&self, path: &Path) -> Result<LoraWeights> {
+        Ok(LoraWeights::load(path, &self.lora_target()?)?)
+    }
+
+    /// Fuses `loras` (each with its weight) into the weights, replacing the previous set; an
+    /// empty set restores the base model exactly. Nothing changes when a LoRA does not fit.
+    /// See [`LoraFuser::apply`].
+    pub fn set_loras(&mut self, loras: &[(&LoraWeights, f64)]) -> Result<LoraSwitch> {
+        let stores: Vec<(Component, &nn::VarStore)> =
+            self.stores.iter().map(|(c, vs)| (*c, vs)).collect();
+        Ok(self.loras.apply(&stores, loras)?)
+    }
+
+    fn store_refs(&self) -> Vec<(Component, &nn::VarStore)> {
+        self.stores.iter().map(|(c, vs)| (*c, vs)).collect()
     }
 }
 
