@@ -5,7 +5,8 @@
 //! [`loader`] (diffusers folders and single-file checkpoints into `tch` variable stores), the CLIP
 //! [`tokenizer`], the CLIP text encoders in [`clip`], [`text_encoder`] (a prompt to SDXL's
 //! conditioning), the denoising [`unet`], the [`vae`] between pixels and latents, and the
-//! diffusion [`scheduler`]s, and the [`controlnet`]s that steer the UNet with a control image.
+//! diffusion [`scheduler`]s, [`lora`] adapters fused into the weights, and the [`controlnet`]s
+//! that steer the UNet with a control image.
 
 use std::path::PathBuf;
 
@@ -13,6 +14,7 @@ pub mod clip;
 pub mod controlnet;
 pub mod device;
 pub mod loader;
+pub mod lora;
 pub mod pipeline;
 pub mod scheduler;
 pub mod text_encoder;
@@ -81,6 +83,10 @@ pub enum EngineError {
     /// The tokenizer library failed to build a tokenizer or to encode a text.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A LoRA that cannot be read, does not fit the model, or could not be fused. Not
+    /// retryable.
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

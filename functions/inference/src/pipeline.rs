@@ -28,6 +28,7 @@ use crate::clip::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
 use crate::controlnet::{ControlNet, ControlNetOutput, control_image_to_tensor};
 use crate::device::DType;
 use crate::loader::{Component, Layout, ModelSource, SourceOptions};
+use crate::lora::{LoraFuser, LoraSwitch, LoraTarget, LoraWeights};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind, step_noise_like};
 use crate::text_encoder::{PromptRequest, SdxlTextEncoders, TextConditioning};
 use crate::tokenizer::ClipTokenizer;
@@ -192,6 +193,8 @@ pub struct SdxlPipeline {
     stores: Vec<(Component, nn::VarStore)>,
     controlnets: BTreeMap<ControlNetId, ControlNet>,
     next_controlnet: u64,
+    /// Pristine copies of LoRA-adapted weights and the current LoRA set.
+    loras: LoraFuser,
     scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
@@ -331,6 +334,7 @@ impl SdxlPipeline {
             stores,
             controlnets: BTreeMap::new(),
             next_controlnet: 0,
+            loras: LoraFuser::new(),
             scheduler_config,
             device,
             kind,
@@ -511,6 +515,34 @@ impl SdxlPipeline {
             latents: latents.to_kind(Kind::Float).to_device(Device::Cpu),
             timings,
         })
+    }
+
+    /// The model LoRAs are resolved against (the UNet's and text encoders' weights).
+    pub fn lora_target(&self) -> Result<LoraTarget> {
+        let config =
+            serde_json::to_value(self.unet.config()).map_err(|e| EngineError::InvalidConfig {
+                component: "unet",
+                message: e.to_string(),
+            })?;
+        Ok(LoraTarget::new(&self.store_refs(), Some(&config)))
+    }
+
+    /// Reads a LoRA file for this model (factors on its device); see [`LoraWeights::load`].
+    pub fn load_lora(&self, path: &Path) -> Result<LoraWeights> {
+        Ok(LoraWeights::load(path, &self.lora_target()?)?)
+    }
+
+    /// Fuses `loras` (each with its weight) into the weights, replacing the previous set; an
+    /// empty set restores the base model exactly. Nothing changes when a LoRA does not fit.
+    /// See [`LoraFuser::apply`].
+    pub fn set_loras(&mut self, loras: &[(&LoraWeights, f64)]) -> Result<LoraSwitch> {
+        let stores: Vec<(Component, &nn::VarStore)> =
+            self.stores.iter().map(|(c, vs)| (*c, vs)).collect();
+        Ok(self.loras.apply(&stores, loras)?)
+    }
+
+    fn store_refs(&self) -> Vec<(Component, &nn::VarStore)> {
+        self.stores.iter().map(|(c, vs)| (*c, vs)).collect()
     }
 }
 

@@ -4,7 +4,8 @@
 //! darkroom-sdxl --model PATH --prompt TEXT [--negative-prompt TEXT]
 //!   [--init-image PNG --strength F] [--width W --height H] --steps N --guidance F --seed S
 //!   --scheduler euler|euler-a|dpmpp-2m-karras|ddim [--device cpu|cuda] [--dtype f32|f16|bf16]
-//!   [--controlnet DIR:IMAGE[:SCALE[:START:END]]]... --out OUT.png [--save-latents OUT.safetensors]
+//!   [--lora PATH[:WEIGHT]]… [--controlnet DIR:IMAGE[:SCALE[:START:END]]]…
+//!   --out OUT.png [--save-latents OUT.safetensors]
 //! ```
 //!
 //! `--controlnet` (repeatable) steers the image with a diffusers ControlNet folder and a control
@@ -23,6 +24,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use darkroom_inference::device::{DType, DeviceSpec, resolve};
+use darkroom_inference::lora::{LoraSpec, LoraWeights};
 use darkroom_inference::pipeline::{ControlInput, GenerateRequest, InitImage, SdxlPipeline};
 use darkroom_inference::scheduler::SchedulerKind;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -76,6 +78,10 @@ struct Args {
     /// f32, f16 or bf16 (f16 needs a GPU).
     #[arg(long)]
     dtype: Option<DType>,
+    /// A LoRA `.safetensors` (kohya or diffusers/PEFT) fused before rendering, with an optional
+    /// weight after the last `:` (default 1); repeat for several.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<LoraSpec>,
     /// A ControlNet, repeatable: `DIR:IMAGE[:SCALE[:START:END]]`. DIR is a diffusers ControlNet
     /// folder, IMAGE a control image at the output size, SCALE its weight (default 1), START:END
     /// the fraction of the steps it acts on (default 0:1).
@@ -126,6 +132,29 @@ fn main() -> anyhow::Result<()> {
         });
     }
     let load_time = started.elapsed();
+    if !args.loras.is_empty() {
+        let loras = args
+            .loras
+            .iter()
+            .map(|spec| {
+                pipeline
+                    .load_lora(&spec.path)
+                    .with_context(|| format!("loading LoRA {}", spec.path.display()))
+            })
+            .collect::<anyhow::Result<Vec<LoraWeights>>>()?;
+        let set: Vec<(&LoraWeights, f64)> = loras
+            .iter()
+            .zip(&args.loras)
+            .map(|(lora, spec)| (lora, spec.weight))
+            .collect();
+        let switch = pipeline.set_loras(&set)?;
+        eprintln!(
+            "fused {} LoRA(s) into {} weights in {:.1} ms",
+            set.len(),
+            switch.fused,
+            switch.elapsed.as_secs_f64() * 1e3
+        );
+    }
 
     let init = match &args.init_image {
         Some(path) => Some(InitImage {

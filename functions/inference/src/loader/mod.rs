@@ -43,6 +43,7 @@ use std::path::PathBuf;
 
 pub use key_map::{KeyMap, Mapped, Target, Transform};
 pub use layout::{ComponentSource, Layout, ModelSource, SourceOptions, WeightVariant};
+pub(crate) use safetensors::{MappedFile, kind_of};
 pub use safetensors::{load_var_store, read_tensors};
 
 /// A weight-bearing component of an SDXL pipeline, named as its diffusers subfolder.

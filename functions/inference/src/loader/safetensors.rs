@@ -51,6 +51,16 @@ impl MappedFile {
             message: describe(&e),
         })
     }
+
+    /// The header's free-form `__metadata__` (string to string), if any.
+    pub(crate) fn metadata(&self) -> Result<Option<HashMap<String, String>>, ModelError> {
+        SafeTensors::read_metadata(&self.map)
+            .map(|(_, metadata)| metadata.metadata().clone())
+            .map_err(|e| ModelError::CorruptFile {
+                path: self.path.clone(),
+                message: describe(&e),
+            })
+    }
 }
 
 fn describe(error: &safetensors::SafeTensorError) -> String {
@@ -69,7 +79,8 @@ fn describe(error: &safetensors::SafeTensorError) -> String {
     }
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
+/// The libtorch kind of a float dtype; `None` for the others.
+pub(crate) fn kind_of(dtype: Dtype) -> Option<Kind> {
     match dtype {
         Dtype::F16 => Some(Kind::Half),
         Dtype::BF16 => Some(Kind::BFloat16),

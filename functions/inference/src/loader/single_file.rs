@@ -237,6 +237,49 @@ impl Rules {
         Mapped::Unknown
     }
 
+    /// The stored name (with the component prefix) that provides `parameter` unchanged (an
+    /// identity transform), or `None` when no stored tensor maps to it one to one (split
+    /// projections, transposed or squeezed tensors, or a name these rules do not produce).
+    ///
+    /// The inverse of [`Rules::map`], checked against it: kohya LoRAs name SDXL UNet modules in
+    /// the stored naming (`lora_unet_input_blocks_4_1_…`), which [`crate::lora`] resolves through
+    /// this.
+    pub(crate) fn stored_name(&self, parameter: &str) -> Option<String> {
+        let identity = |stored: &str| match self.map(stored) {
+            Mapped::Targets(targets) => targets
+                .iter()
+                .any(|t| t.name == parameter && t.transform == ID),
+            _ => false,
+        };
+        let exact = self
+            .exact
+            .iter()
+            .filter(|(_, targets)| targets.iter().any(|t| t.name == parameter))
+            .map(|(stored, _)| stored.clone());
+        let modules = self.modules.iter().filter_map(|(stored, (target, inner))| {
+            let leaf = parameter.strip_prefix(target.as_str())?;
+            match inner {
+                Inner::Params if is_param(leaf) => Some(format!("{stored}{leaf}")),
+                Inner::Params => None,
+                Inner::Same => Some(format!("{stored}{leaf}")),
+                Inner::Table(table) => table.iter().find_map(|entry| {
+                    entry.targets.iter().find_map(|(name, transform)| {
+                        let param = leaf.strip_prefix(name)?;
+                        (*transform == ID
+                            && entry.source.ends_with('.')
+                            && name.ends_with('.')
+                            && is_param(param))
+                        .then(|| format!("{stored}{}{param}", entry.source))
+                    })
+                }),
+            }
+        });
+        exact
+            .chain(modules)
+            .map(|rest| format!("{}{rest}", self.prefix))
+            .find(|stored| identity(stored))
+    }
+
     fn module(&mut self, stored: impl Into<String>, target: impl Into<String>, inner: Inner) {
         self.modules.insert(stored.into(), (target.into(), inner));
     }
@@ -803,6 +846,60 @@ mod tests {
         assert_eq!(
             l.map("conditioner.embedders.0.something_else"),
             Mapped::Unknown
+        );
+    }
+
+    /// Every UNet parameter a stored tensor provides one to one maps back to that stored name.
+    #[test]
+    fn stored_names_invert_the_unet_mapping() {
+        let rules = Rules::new(Component::Unet, None).unwrap();
+        let cases = [
+            (
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+            ),
+            (
+                "down_blocks.1.resnets.0.conv1.weight",
+                "input_blocks.4.0.in_layers.2.weight",
+            ),
+            (
+                "down_blocks.0.downsamplers.0.conv.weight",
+                "input_blocks.3.0.op.weight",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.2.conv.weight",
+            ),
+            (
+                "mid_block.resnets.1.time_emb_proj.weight",
+                "middle_block.2.emb_layers.1.weight",
+            ),
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+            ("conv_out.weight", "out.2.weight"),
+            ("conv_in.bias", "input_blocks.0.0.bias"),
+        ];
+        for (parameter, stored) in cases {
+            assert_eq!(
+                rules.stored_name(parameter),
+                Some(format!("{UNET_PREFIX}{stored}")),
+                "{parameter}"
+            );
+        }
+        assert_eq!(
+            rules.stored_name("down_blocks.0.attentions.0.proj_in.weight"),
+            None
+        );
+        let g = Rules::new(Component::TextEncoder2, None).unwrap();
+        // Split from the fused projection: no stored tensor provides it alone.
+        assert_eq!(
+            g.stored_name("text_model.encoder.layers.0.self_attn.q_proj.weight"),
+            None
+        );
+        assert_eq!(
+            g.stored_name("text_model.encoder.layers.0.mlp.fc1.weight"),
+            Some(
+                "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight".to_owned()
+            )
         );
     }
 
