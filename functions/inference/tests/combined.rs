@@ -1,0 +1,138 @@
+//! LoRA and ControlNet together against diffusers (reference/combined.py): the profile preset's
+//! shape (img2img 0.6 + one ControlNet + one LoRA) and everything at once (two LoRAs at different
+//! weights, two ControlNets with different scales and guidance windows), txt2img and img2img.
+//! Tolerances: max pixel difference ≤ 3/255, latents relative error ≤ 1e-3.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use darkroom_inference::device::DType;
+use darkroom_inference::pipeline::{ControlInput, GenerateRequest, InitImage, SdxlPipeline};
+use serde::Deserialize;
+use tch::Device;
+
+#[derive(Debug, Deserialize)]
+struct Control {
+    net: String,
+    image: String,
+    scale: f64,
+    start: f64,
+    end: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Params {
+    prompt: String,
+    negative_prompt: String,
+    steps: usize,
+    guidance: f64,
+    seed: i64,
+    width: u32,
+    height: u32,
+    scheduler: String,
+    strength: Option<f64>,
+    controls: Vec<Control>,
+    loras: Vec<(String, f64)>,
+}
+
+fn max_pixel_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+fn render(
+    pipeline: &mut SdxlPipeline,
+    fixture: &Path,
+    case: &str,
+    nets: &HashMap<String, darkroom_inference::pipeline::ControlNetId>,
+) -> (image::RgbImage, tch::Tensor) {
+    let dir = fixture.join("cases").join(case);
+    let params: Params =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
+    let loras: Vec<_> = params
+        .loras
+        .iter()
+        .map(|(file, _)| {
+            pipeline
+                .load_lora(&fixture.join("loras").join(file))
+                .unwrap()
+        })
+        .collect();
+    let set: Vec<_> = loras
+        .iter()
+        .zip(&params.loras)
+        .map(|(l, (_, w))| (l, *w))
+        .collect();
+    pipeline.set_loras(&set).unwrap();
+    let controls = params
+        .controls
+        .iter()
+        .map(|c| ControlInput {
+            conditioning_scale: c.scale,
+            guidance_start: c.start,
+            guidance_end: c.end,
+            ..ControlInput::new(
+                nets[&c.net],
+                image::open(fixture.join("controls").join(&c.image))
+                    .unwrap()
+                    .to_rgb8(),
+            )
+        })
+        .collect();
+    let request = GenerateRequest {
+        prompt: params.prompt,
+        negative_prompt: Some(params.negative_prompt),
+        width: params.width,
+        height: params.height,
+        steps: params.steps,
+        guidance: params.guidance,
+        seed: params.seed,
+        scheduler: params.scheduler.parse().unwrap(),
+        init: params.strength.map(|strength| InitImage {
+            image: image::open(fixture.join("init.png")).unwrap().to_rgb8(),
+            strength,
+        }),
+        controls,
+    };
+    let generated = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+    (generated.image, generated.latents)
+}
+
+#[test]
+fn loras_and_controlnets_together_match_diffusers() {
+    let fixture = common::fixture("combined", &[]);
+    let mut pipeline =
+        SdxlPipeline::load(&fixture.join("model"), None, Device::Cpu, DType::F32).unwrap();
+    let mut nets = HashMap::new();
+    for name in ["controlnet-a", "controlnet-b"] {
+        nets.insert(
+            name.to_owned(),
+            pipeline.load_controlnet(&fixture.join(name)).unwrap(),
+        );
+    }
+    // One pipeline for every case: each switches the LoRA set, as the service does.
+    for case in [
+        "profile-img2img",
+        "all-txt2img",
+        "all-img2img",
+        "profile-img2img",
+    ] {
+        let (image, latents) = render(&mut pipeline, &fixture, case, &nets);
+        let dir = fixture.join("cases").join(case);
+        let expected = image::open(dir.join("result.png")).unwrap().to_rgb8();
+        let expected_latents = common::read_tensors(&dir.join("latents.safetensors"));
+        let pixels = max_pixel_difference(&image, &expected);
+        let error = common::relative_error(&latents, &expected_latents["latents"]);
+        eprintln!("{case}: max pixel difference {pixels}, latents relative error {error:.2e}");
+        assert!(pixels <= 3, "{case}: max pixel difference {pixels}");
+        assert!(error <= 1e-3, "{case}: latents relative error {error}");
+    }
+}
