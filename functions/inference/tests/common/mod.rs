@@ -1,5 +1,5 @@
 //! Test support: runs the reference-fixture scripts in `reference/` once per fixture and caches
-//! their output under `target/darkroom-fixtures/`, keyed by the scripts' contents and arguments.
+//! their output under `target/darkroom-fixtures/`, keyed by all the scripts' contents and the arguments.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::hash_map::DefaultHasher;
@@ -27,11 +27,20 @@ pub fn python() -> PathBuf {
 pub fn fixture(script: &str, args: &[&str]) -> PathBuf {
     let reference = crate_dir().join("reference");
     let mut hasher = DefaultHasher::new();
-    for file in [format!("{script}.py"), "common.py".to_owned()] {
-        std::fs::read(reference.join(&file))
-            .unwrap_or_else(|e| panic!("read reference/{file}: {e}"))
+    // Scripts import each other (pipeline.py's model is everyone's base): any change to any of
+    // them regenerates every fixture.
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(&reference)
+        .unwrap_or_else(|e| panic!("list {}: {e}", reference.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "py"))
+        .collect();
+    scripts.sort();
+    for path in &scripts {
+        std::fs::read(path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
             .hash(&mut hasher);
     }
+    script.hash(&mut hasher);
     args.hash(&mut hasher);
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
