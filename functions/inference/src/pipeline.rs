@@ -699,8 +699,10 @@ fn build<M>(
     new: impl FnOnce(nn::Path) -> Result<M>,
 ) -> Result<M> {
     let mut vs = nn::VarStore::new(device);
-    let module = new(vs.root())?;
+    // Set before building, so every variable is created in `kind` (an f32 copy of SDXL first would
+    // double the peak memory and add a conversion pass).
     vs.set_kind(kind);
+    let module = new(vs.root())?;
     source.load(&mut vs, component)?;
     vs.freeze();
     stores.push((component, vs));
