@@ -1,0 +1,211 @@
+//! Darkroom preprocess: an untrusted upload in, a clean SDXL-ready image out.
+//!
+//! Pure functions over bytes and images, one module per step, in pipeline order:
+//!
+//! 1. [`sniff`]: the real format from magic bytes, against an allow-list;
+//! 2. [`decode`]: header-first limits, then a decode to RGB8 (JPEG at a reduced DCT
+//!    scale when the bucket is much smaller);
+//! 3. [`bucket`]: cover-crop and resize to the nearest SDXL bucket;
+//! 4. [`orient`]: EXIF orientation, applied after the downscale;
+//! 5. [`canny`]: the OpenCV-exact canny control map.
+//!
+//! [`prepare`] composes them. Every output is a fresh pixel buffer: nothing of the
+//! upload's metadata (EXIF, GPS, XMP, ICC, text chunks) is carried, and stored
+//! artefacts are PNGs re-encoded from those pixels alone by [`encode_png`], which
+//! writes no ancillary chunks. (Colour profiles are dropped, not converted: an
+//! embedded non-sRGB profile is not honoured yet.)
+
+pub mod bucket;
+pub mod canny;
+pub mod decode;
+pub mod orient;
+pub mod sniff;
+
+use darkroom_events::FailureReason;
+use image::RgbImage;
+
+pub use bucket::{Bucket, SDXL_BUCKETS, fit_to_bucket, nearest_bucket};
+pub use canny::CannyOptions;
+pub use decode::{Header, Limits};
+pub use image::metadata::Orientation;
+pub use sniff::{SourceFormat, sniff};
+
+/// Why an upload was refused. Every variant is permanent: the same bytes fail the
+/// same way on every delivery, so the message is terminated, never retried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreprocessError {
+    /// The file is larger than [`Limits::max_bytes`].
+    #[error("upload is {len} bytes, over the {max_bytes}-byte limit")]
+    TooManyBytes {
+        /// Size of the upload.
+        len: usize,
+        /// The limit.
+        max_bytes: usize,
+    },
+    /// The bytes are not an allowed image format.
+    #[error("unsupported format: {detected} (accepted: JPEG, PNG, WebP)")]
+    UnsupportedFormat {
+        /// What the magic bytes look like (`"empty"`, `"svg"`, `"heic"`, `"unknown"`…).
+        detected: &'static str,
+    },
+    /// Width × height over [`Limits::max_pixels`], from the header.
+    #[error("image is {width}×{height}, over the {max_pixels}-pixel limit")]
+    TooLarge {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        max_pixels: u64,
+    },
+    /// A side over [`Limits::max_side`], from the header.
+    #[error("image is {width}×{height}, a side over the {max_side}-pixel limit")]
+    SideTooLong {
+        /// Declared width.
+        width: u32,
+        /// Declared height.
+        height: u32,
+        /// The limit.
+        max_side: u32,
+    },
+    /// A decoder would allocate more than [`Limits::max_alloc`].
+    #[error("decoding would exceed the allocation limit: {message}")]
+    AllocationLimit {
+        /// The decoder's account.
+        message: String,
+    },
+    /// The data is corrupt or truncated.
+    #[error("could not decode {format}: {message}")]
+    DecodeFailed {
+        /// The sniffed format.
+        format: &'static str,
+        /// The decoder's account.
+        message: String,
+    },
+    /// A bug or an impossible condition.
+    #[error("internal error: {message}")]
+    Internal {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl PreprocessError {
+    /// The reason code of the `failed` event this error produces.
+    pub fn reason(&self) -> FailureReason {
+        match self {
+            Self::TooManyBytes { .. }
+            | Self::TooLarge { .. }
+            | Self::SideTooLong { .. }
+            | Self::AllocationLimit { .. } => FailureReason::LimitExceeded,
+            Self::UnsupportedFormat { .. } => FailureReason::UnsupportedFormat,
+            Self::DecodeFailed { .. } => FailureReason::DecodeFailed,
+            Self::Internal { .. } => FailureReason::Internal,
+        }
+    }
+
+    /// Always true: see the type's documentation.
+    pub fn is_permanent(&self) -> bool {
+        true
+    }
+}
+
+/// Crate result alias.
+pub type Result<T, E = PreprocessError> = std::result::Result<T, E>;
+
+/// What [`prepare`] does besides framing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PrepareOptions {
+    /// Size limits for the upload.
+    pub limits: Limits,
+    /// Compute a canny control map with these parameters; `None` for no map.
+    pub canny: Option<CannyOptions>,
+    /// Turn off JPEG decoding at a reduced DCT scale (on by default: used when the
+    /// bucket needs at most half the stored resolution).
+    pub disable_dct_scaling: bool,
+}
+
+/// The pipeline's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// The upright image at its SDXL bucket size.
+    pub image: RgbImage,
+    /// The canny control map at the same size, if asked for.
+    pub canny: Option<RgbImage>,
+    /// The sniffed format.
+    pub source_format: SourceFormat,
+    /// The upload's size as displayed (after EXIF orientation).
+    pub original_width: u32,
+    /// See `original_width`.
+    pub original_height: u32,
+    /// The EXIF orientation that was applied.
+    pub orientation: Orientation,
+    /// The bucket the image was framed to.
+    pub bucket: Bucket,
+}
+
+/// Sniff → header limits → decode (DCT-scaled) → frame to bucket → orient → canny.
+///
+/// # Errors
+/// Any [`PreprocessError`]; all are permanent.
+pub fn prepare(bytes: &[u8], options: &PrepareOptions) -> Result<Prepared> {
+    if bytes.len() > options.limits.max_bytes {
+        return Err(PreprocessError::TooManyBytes {
+            len: bytes.len(),
+            max_bytes: options.limits.max_bytes,
+        });
+    }
+    let format = sniff(bytes)?;
+    let source = decode::open(bytes, format, &options.limits)?;
+    let header = *source.header();
+    let (width, height) = header.oriented_size();
+    let bucket = nearest_bucket(width, height);
+    // Framing runs before orientation, in the stored frame: a 90° turn swaps the sides.
+    let (stored_w, stored_h) = if decode::swaps_axes(header.orientation) {
+        (bucket.height, bucket.width)
+    } else {
+        (bucket.width, bucket.height)
+    };
+    let min_size = if options.disable_dct_scaling {
+        None
+    } else {
+        let (_, _, crop_w, crop_h) =
+            bucket::cover_crop(header.width, header.height, stored_w, stored_h);
+        let scale = (f64::from(stored_w) / crop_w).max(f64::from(stored_h) / crop_h);
+        // The whole decoded image must cover the bucket after the cover-crop.
+        let need = |side: u32| (f64::from(side) * scale).ceil() as u32;
+        Some((need(header.width), need(header.height)))
+    };
+    let decoded = source.decode(min_size)?;
+    let framed = bucket::fit_to_size(&decoded, stored_w, stored_h)?;
+    drop(decoded);
+    let image = orient::apply_orientation(framed, header.orientation);
+    let canny = options.canny.map(|c| canny::canny(&image, &c));
+    Ok(Prepared {
+        image,
+        canny,
+        source_format: format,
+        original_width: width,
+        original_height: height,
+        orientation: header.orientation,
+        bucket,
+    })
+}
+
+/// Encodes pixels as a PNG with no ancillary chunks (no eXIf, tEXt, iCCP…): only
+/// IHDR, IDAT and IEND, so nothing but pixels can leave.
+pub fn encode_png(image: &RgbImage) -> Vec<u8> {
+    use image::ImageEncoder;
+    let mut out = Vec::new();
+    let encoder = image::codecs::png::PngEncoder::new(&mut out);
+    // Writing an in-memory RGB8 buffer of matching size cannot fail.
+    if let Err(e) = encoder.write_image(
+        image.as_raw(),
+        image.width(),
+        image.height(),
+        image::ExtendedColorType::Rgb8,
+    ) {
+        unreachable!("PNG encoding of a valid RGB buffer failed: {e}");
+    }
+    out
+}
