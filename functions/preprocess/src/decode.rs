@@ -185,10 +185,10 @@ fn check_size(
     Ok(())
 }
 
+/// The `image` crate's limits: allocations only. Sides and pixels are checked by
+/// [`check_size`] from the header, which gives the typed error.
 fn image_limits(limits: &Limits) -> image::Limits {
     let mut l = image::Limits::default();
-    l.max_image_width = Some(limits.max_side);
-    l.max_image_height = Some(limits.max_side);
     l.max_alloc = Some(limits.max_alloc);
     l
 }

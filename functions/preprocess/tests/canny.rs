@@ -40,7 +40,7 @@ fn fixtures() -> Vec<(&'static str, RgbImage)> {
             let (dx, dy) = (x as f64 - 128.0, y as f64 - 131.0);
             let r = (dx * dx + dy * dy).sqrt();
             let v = (128.0 + 127.0 * (r / 2.5).sin()) as u8;
-            Rgb([v, 255 - v, v / 2])
+            Rgb([v, v, v / 2])
         }),
     ));
     out.push((
