@@ -8,7 +8,8 @@
 //! JPEG goes through `jpeg-decoder` because it can run the inverse DCT at 1/2, 1/4 or
 //! 1/8 scale (`Decoder::scale`), which `image`'s zune-jpeg backend cannot: a 12 MP
 //! photo bound for a 1 MP bucket decodes at 1/2 or 1/4 of the cost. PNG and WebP use
-//! the `image` decoders. An animated WebP decodes to its first frame.
+//! the `image` decoders. An animated WebP decodes to its first frame. High-precision
+//! (12/16-bit lossless) JPEG is refused as `DecodeFailed`.
 
 use std::io::Cursor;
 
@@ -270,13 +271,13 @@ fn decode_jpeg(
     let rgb: Vec<u8> = match info.pixel_format {
         jpeg_decoder::PixelFormat::RGB24 => pixels,
         jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&l| [l, l, l]).collect(),
-        jpeg_decoder::PixelFormat::L16 => pixels
-            .chunks_exact(2)
-            .flat_map(|c| {
-                let l = c[0];
-                [l, l, l]
-            })
-            .collect(),
+        // Lossless 12/16-bit greyscale (medical, scientific): not a photo, and the
+        // decoder does not say which precision its native-endian samples have.
+        jpeg_decoder::PixelFormat::L16 => {
+            return Err(failed(
+                &"high-precision (lossless 16-bit) JPEG is not supported",
+            ));
+        }
         // jpeg-decoder undoes Adobe's inverted storage, so these are plain CMYK
         // values; a naive (profile-less) conversion is what browsers do without ICC.
         jpeg_decoder::PixelFormat::CMYK32 => pixels
@@ -312,4 +313,45 @@ fn to_rgb8(image: DynamicImage) -> RgbImage {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(width: u32, height: u32) -> Vec<u8> {
+        let image = RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 90]));
+        let mut out = Cursor::new(Vec::new());
+        image
+            .write_to(&mut out, image::ImageFormat::Jpeg)
+            .expect("encode");
+        out.into_inner()
+    }
+
+    fn decoded_size(bytes: &[u8], min_size: Option<(u32, u32)>) -> (u32, u32) {
+        let source = open(bytes, SourceFormat::Jpeg, &Limits::default()).expect("open");
+        source.decode(min_size).expect("decode").dimensions()
+    }
+
+    #[test]
+    fn jpeg_decodes_at_the_smallest_dct_scale_covering_both_sides() {
+        let bytes = jpeg(800, 600);
+        assert_eq!(decoded_size(&bytes, None), (800, 600));
+        assert_eq!(decoded_size(&bytes, Some((100, 75))), (100, 75));
+        assert_eq!(decoded_size(&bytes, Some((200, 150))), (200, 150));
+        // One axis short at 1/4: 1/2 it is (jpeg-decoder alone would pick 1/4).
+        assert_eq!(decoded_size(&bytes, Some((200, 151))), (400, 300));
+        assert_eq!(decoded_size(&bytes, Some((401, 10))), (800, 600));
+    }
+
+    #[test]
+    fn header_reports_orientation_swapped_size() {
+        let header = Header {
+            format: SourceFormat::Jpeg,
+            width: 300,
+            height: 200,
+            orientation: Orientation::Rotate90,
+        };
+        assert_eq!(header.oriented_size(), (200, 300));
+    }
 }
