@@ -62,6 +62,8 @@ pub enum FailureReason {
     UnknownPreset,
     /// The preset needs a face and none was found.
     NoFaceFound,
+    /// The preset needs exactly one face and several were found.
+    MultipleFaces,
     /// A model file is missing or invalid.
     ModelError,
     /// A stage ran past its deadline.

@@ -9,6 +9,7 @@
 //! - [`lambda`]: the same handler on AWS Lambda;
 //! - [`publish`]: lifecycle events and dead letters;
 //! - [`jobs`]: job records in the jobs KV bucket;
+//! - [`preset`]: studio presets (plain TOML), built-in and from an operator's directory;
 //! - [`telemetry`]: logs, W3C trace context and Prometheus metrics.
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod handler;
 pub mod jobs;
 pub mod lambda;
 pub mod nats;
+pub mod preset;
 pub mod publish;
 pub mod s3;
 pub mod shutdown;
