@@ -38,16 +38,6 @@ struct Params {
     loras: Vec<(String, f64)>,
 }
 
-fn max_pixel_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
-}
-
 fn render(
     pipeline: &mut SdxlPipeline,
     fixture: &Path,
@@ -129,7 +119,7 @@ fn loras_and_controlnets_together_match_diffusers() {
         let dir = fixture.join("cases").join(case);
         let expected = image::open(dir.join("result.png")).unwrap().to_rgb8();
         let expected_latents = common::read_tensors(&dir.join("latents.safetensors"));
-        let pixels = max_pixel_difference(&image, &expected);
+        let pixels = common::max_pixel_difference(&image, &expected);
         let error = common::relative_error(&latents, &expected_latents["latents"]);
         eprintln!("{case}: max pixel difference {pixels}, latents relative error {error:.2e}");
         assert!(pixels <= 3, "{case}: max pixel difference {pixels}");

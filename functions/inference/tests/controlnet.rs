@@ -84,16 +84,6 @@ fn request(fixture: &Path, params: &Params, ids: &dyn Fn(&str) -> ControlNetId) 
     }
 }
 
-fn max_pixel_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
-}
-
 /// The pipeline with controlnet-a and controlnet-b loaded.
 fn pipeline(fixture: &Path) -> (SdxlPipeline, ControlNetId, ControlNetId) {
     let mut pipeline =
@@ -262,7 +252,7 @@ fn every_case_matches_diffusers() {
             .unwrap();
         let expected_image = image::open(case.join("result.png")).unwrap().to_rgb8();
         let expected_latents = common::read_tensors(&case.join("latents.safetensors"));
-        let pixels = max_pixel_difference(&generated.image, &expected_image);
+        let pixels = common::max_pixel_difference(&generated.image, &expected_image);
         let latents = common::relative_error(&generated.latents, &expected_latents["latents"]);
         eprintln!("{name}: max pixel difference {pixels}, latents relative error {latents:.2e}");
         assert!(pixels <= 3, "{name}: max pixel difference {pixels}");
@@ -513,7 +503,7 @@ fn the_command_takes_controlnets() {
     );
     let image = image::open(out.path().join("out.png")).unwrap().to_rgb8();
     let expected = image::open(case.join("result.png")).unwrap().to_rgb8();
-    assert!(max_pixel_difference(&image, &expected) <= 3);
+    assert!(common::max_pixel_difference(&image, &expected) <= 3);
     let latents = common::read_tensors(&out.path().join("latents.safetensors"));
     let expected_latents = common::read_tensors(&case.join("latents.safetensors"));
     assert!(common::relative_error(&latents["latents"], &expected_latents["latents"]) <= 1e-3);

@@ -72,16 +72,6 @@ fn lora(pipeline: &SdxlPipeline, fixture: &Path, file: &str) -> LoraWeights {
         .unwrap()
 }
 
-fn max_pixel_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
-}
-
 const ADAPTED: [Component; 3] = [
     Component::TextEncoder,
     Component::TextEncoder2,
@@ -175,7 +165,7 @@ fn every_format_and_set_matches_diffusers() {
             .unwrap();
         let expected_image = image::open(case.join("result.png")).unwrap().to_rgb8();
         let expected_latents = common::read_tensors(&case.join("latents.safetensors"));
-        let pixels = max_pixel_difference(&generated.image, &expected_image);
+        let pixels = common::max_pixel_difference(&generated.image, &expected_image);
         let latents = common::relative_error(&generated.latents, &expected_latents["latents"]);
         eprintln!(
             "{name}: fused weights relative error {worst:.2e}, max pixel difference {pixels}, latents relative error {latents:.2e}"
@@ -318,7 +308,10 @@ fn switching_sets_is_exact() {
     fresh.set_loras(&[(&a_fresh, 0.8)]).unwrap();
     assert!(differing(&a_weights, &snapshot(&fresh)).is_empty());
     let fresh_image = fresh.generate(&request, &mut |_, _| {}).unwrap();
-    assert_eq!(max_pixel_difference(&switched.image, &fresh_image.image), 0);
+    assert_eq!(
+        common::max_pixel_difference(&switched.image, &fresh_image.image),
+        0
+    );
     assert!(switched.latents.equal(&fresh_image.latents));
 
     // Back to the base model, bit for bit; a weight of 0 is no LoRA.
@@ -596,7 +589,7 @@ fn the_command_applies_loras() {
     assert!(status.success());
     let image = image::open(out.path().join("out.png")).unwrap().to_rgb8();
     let expected = image::open(case.join("result.png")).unwrap().to_rgb8();
-    assert!(max_pixel_difference(&image, &expected) <= 3);
+    assert!(common::max_pixel_difference(&image, &expected) <= 3);
 
     let bad = Command::new(env!("CARGO_BIN_EXE_darkroom-sdxl"))
         .args(["--model".as_ref(), fixture.join("model").as_os_str()])

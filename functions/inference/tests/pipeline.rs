@@ -46,16 +46,6 @@ fn request(case: &Path, init: &Path) -> GenerateRequest {
     }
 }
 
-fn max_pixel_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0)
-}
-
 #[test]
 fn every_scheduler_matches_diffusers_in_txt2img_and_img2img() {
     let fixture = common::fixture("pipeline", &[]);
@@ -74,7 +64,7 @@ fn every_scheduler_matches_diffusers_in_txt2img_and_img2img() {
             .unwrap();
         let expected_image = image::open(case.join("result.png")).unwrap().to_rgb8();
         let expected_latents = common::read_tensors(&case.join("latents.safetensors"));
-        let pixels = max_pixel_difference(&generated.image, &expected_image);
+        let pixels = common::max_pixel_difference(&generated.image, &expected_image);
         let latents = common::relative_error(&generated.latents, &expected_latents["latents"]);
         eprintln!("{name}: max pixel difference {pixels}, latents relative error {latents:.2e}");
         assert!(pixels <= 3, "{name}: max pixel difference {pixels}");
@@ -108,7 +98,7 @@ fn a_single_file_checkpoint_renders_the_image_its_folder_does() {
     .generate(&request, &mut |_, _| {})
     .unwrap();
     assert_eq!(
-        max_pixel_difference(&from_folder.image, &from_file.image),
+        common::max_pixel_difference(&from_folder.image, &from_file.image),
         0
     );
     assert_eq!(
@@ -155,7 +145,7 @@ fn the_command_renders_what_diffusers_renders() {
     assert!(status.success());
     let image = image::open(out.path().join("out.png")).unwrap().to_rgb8();
     let expected = image::open(case.join("result.png")).unwrap().to_rgb8();
-    assert!(max_pixel_difference(&image, &expected) <= 3);
+    assert!(common::max_pixel_difference(&image, &expected) <= 3);
     let latents = common::read_tensors(&out.path().join("latents.safetensors"));
     let expected_latents = common::read_tensors(&case.join("latents.safetensors"));
     assert!(common::relative_error(&latents["latents"], &expected_latents["latents"]) <= 1e-3);

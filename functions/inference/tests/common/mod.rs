@@ -108,3 +108,14 @@ pub fn relative_error(actual: &tch::Tensor, expected: &tch::Tensor) -> f64 {
     let scale = expected.abs().max().double_value(&[]).max(1e-12);
     diff / scale
 }
+
+/// The largest difference of any channel of any pixel between two images of the same size.
+pub fn max_pixel_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
