@@ -1,19 +1,96 @@
-//! Link settings `tch` cannot pass on to dependents.
+//! Link settings `tch` cannot pass on to dependents, and the CUDA shim.
 //!
 //! - An rpath to libtorch's `lib/` (torch-sys exports it as `DEP_TCH_LIBTORCH_LIB`), so binaries
 //!   and tests run without `LD_LIBRARY_PATH`.
 //! - With the `cuda` feature, `libtorch_cuda` linked with `--no-as-needed`: nothing references
-//!   its symbols directly, so the linker would drop it and CUDA would never be available.
+//!   its symbols directly, so the linker would drop it and CUDA would never be available. And
+//!   `csrc/cuda_graph.cpp` compiled against libtorch's headers (CUDA graphs and allocator
+//!   statistics, which tch does not bind).
+
+use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
+        .ok()
+        .map(PathBuf::from);
+    if let Some(lib) = &lib {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        #[cfg(feature = "cuda")]
+        build_cuda_shim(lib.as_deref());
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-ltorch");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+}
+
+/// Compiles the shim with the flags torch-sys uses for its own C++ (C++17, the wheel's
+/// `_GLIBCXX_USE_CXX11_ABI`, which torch-sys reads from `LIBTORCH_CXX11_ABI`, default 1).
+#[cfg(feature = "cuda")]
+fn build_cuda_shim(lib: Option<&std::path::Path>) {
+    let Some(lib) = lib else {
+        panic!("the cuda feature needs torch-sys's DEP_TCH_LIBTORCH_LIB");
+    };
+    let torch = lib.parent().unwrap_or(lib);
+    let cuda = cuda_root(torch);
+    println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/cuda_graph.cpp")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .include(cuda.join("include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        .warnings(false)
+        .compile("darkroom_cuda");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    // libtorch's headers call the CUDA runtime inline (events, guards): link the runtime torch
+    // itself loads (the wheel's libcudart.so.13 has no unversioned name).
+    let cuda_lib = cuda.join("lib");
+    println!("cargo:rustc-link-search=native={}", cuda_lib.display());
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cuda_lib.display());
+    let versioned = std::fs::read_dir(&cuda_lib).ok().and_then(|entries| {
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find(|name| name.starts_with("libcudart.so."))
+    });
+    match versioned {
+        Some(name) => println!("cargo:rustc-link-lib=dylib:+verbatim={name}"),
+        None => println!("cargo:rustc-link-lib=dylib=cudart"),
+    }
+}
+
+/// `$CUDA_HOME`, else the wheel's CUDA runtime next to torch (`include/` and `lib/`).
+#[cfg(feature = "cuda")]
+fn cuda_root(torch: &std::path::Path) -> PathBuf {
+    if let Some(home) = std::env::var_os("CUDA_HOME") {
+        return PathBuf::from(home);
+    }
+    let site_packages = torch.parent().unwrap_or(torch);
+    for candidate in ["nvidia/cu13", "nvidia/cuda_runtime"] {
+        let dir = site_packages.join(candidate);
+        if dir.join("include/cuda_runtime_api.h").exists() {
+            if !dir.join("include/crt/host_config.h").exists() {
+                panic!(
+                    "{} lacks crt/host_config.h: install nvidia-cuda-crt (local-dev/install does)",
+                    dir.display()
+                );
+            }
+            return dir;
+        }
+    }
+    panic!(
+        "no CUDA headers found under {}: set CUDA_HOME",
+        site_packages.display()
+    );
 }

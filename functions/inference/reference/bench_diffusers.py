@@ -8,11 +8,22 @@ Modes:
       base architecture (stabilityai/stable-diffusion-xl-base-1.0's unet/vae/text_encoder*/
       config.json values) with small random normal weights, stored in fp16 for --dtype f16, bf16
       for --dtype bf16, else f32.
+  --make-extras DIR --model DIR/model [--dtype f32|f16|bf16] [--rank R]
+      What the `profile` workload adds to a model folder, written under DIR: controlnet/ (diffusers'
+      ControlNetModel.from_unet on the model's UNet, then random weights like the rest, so the
+      zero convolutions are not zero) and lora/a.safetensors, lora/b.safetensors (two random
+      rank-R LoRAs in the diffusers/PEFT format, `lora_A`/`lora_B`, alpha = rank, on every
+      attention projection of the UNet (to_q/to_k/to_v/to_out.0) and of both text encoders
+      (q/k/v/out_proj)).
   --run --model DIR --device cpu|cuda[:N] --dtype f32|f16|bf16 --steps N --width W --height H
         --runs R [--threads T] [--seed S] [--guidance G]
       Loads DIR, warms up once, times R txt2img runs (Euler, CFG), prints one JSON object on
       stdout: load_s, seconds (per run), denoise_s (per run), steps, peak_rss_bytes,
       cuda_max_allocated_bytes, cuda_max_reserved_bytes, threads, versions.
+      --workload profile --controlnet DIR --lora FILE [--lora-weight W] --init PNG --control PNG
+        [--strength S] [--control-scale C] [--control-end E]: the profile preset's shape instead,
+        StableDiffusionXLControlNetImg2ImgPipeline with the LoRA loaded, weighted, fused and its
+        adapter layers dropped (`fuse_lora` + `unload_lora_weights`) before the clock starts.
 """
 
 import argparse
@@ -157,6 +168,54 @@ def make_model(args) -> None:
         make_full(out, DTYPES[args.dtype])
 
 
+LORA_TARGETS = {
+    "unet": (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight"),
+    "text_encoder": (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".out_proj.weight"),
+    "text_encoder_2": (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".out_proj.weight"),
+}
+
+
+def make_lora(model: Path, path: Path, rank: int, seed: int, dtype: torch.dtype) -> None:
+    """A random rank-`rank` PEFT-format LoRA on every `LORA_TARGETS` projection of `model`
+    (shapes read from the safetensors headers; nothing is loaded)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for component, suffixes in LORA_TARGETS.items():
+        for file in sorted((model / component).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                for key in sorted(f.keys()):
+                    if not key.endswith(suffixes):
+                        continue
+                    out_dim, in_dim = f.get_slice(key).get_shape()
+                    module = f"{component}.{key.removesuffix('.weight')}"
+                    down = torch.randn(rank, in_dim, generator=generator) / in_dim**0.5
+                    up = torch.randn(out_dim, rank, generator=generator) * 0.02
+                    tensors[f"{module}.lora_A.weight"] = down.to(dtype)
+                    tensors[f"{module}.lora_B.weight"] = up.to(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    print(f"{path.name}: {len(tensors) // 2} adapted layers, rank {rank}", file=sys.stderr)
+
+
+def make_extras(args) -> None:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    out, model, dtype = args.make_extras, args.model, DTYPES[args.dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    unet = UNet2DConditionModel.from_pretrained(str(model / "unet"), torch_dtype=dtype)
+    net = ControlNetModel.from_unet(unet)
+    del unet
+    fill_random(net, dtype)
+    net.save_pretrained(out / "controlnet", safe_serialization=True)
+    del net
+    make_lora(model, out / "lora" / "a.safetensors", args.rank, args.seed + 1, dtype)
+    make_lora(model, out / "lora" / "b.safetensors", args.rank, args.seed + 2, dtype)
+
+
 def peak_rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -165,8 +224,26 @@ def peak_rss_bytes() -> int:
     return 0
 
 
+def load_pipeline(args, device):
+    """The pipeline of the workload, on `device`, LoRA fused for `profile`."""
+    from diffusers import (ControlNetModel, StableDiffusionXLControlNetImg2ImgPipeline,
+                           StableDiffusionXLPipeline)
+
+    dtype = DTYPES[args.dtype]
+    if args.workload == "txt2img":
+        return StableDiffusionXLPipeline.from_pretrained(str(args.model), torch_dtype=dtype).to(device)
+    net = ControlNetModel.from_pretrained(str(args.controlnet), torch_dtype=dtype)
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+        str(args.model), controlnet=net, torch_dtype=dtype).to(device)
+    pipe.load_lora_weights(str(args.lora), adapter_name="style")
+    pipe.set_adapters(["style"], adapter_weights=[args.lora_weight])
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights, drops the adapter layers
+    return pipe
+
+
 def run(args) -> None:
-    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -178,35 +255,52 @@ def run(args) -> None:
             torch.cuda.synchronize(device)
 
     started = time.perf_counter()
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(args.model), torch_dtype=DTYPES[args.dtype])
-    pipe = pipe.to(device)
+    pipe = load_pipeline(args, device)
     sync()
     load_s = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
 
-    # The denoising loop runs from the first UNet call to the VAE decode: stamp both (synced).
+    # The denoising loop runs from the first ControlNet or UNet call to the VAE decode: stamp
+    # both ends (synced).
     marks = {}
-    unet_forward, vae_decode = pipe.unet.forward, pipe.vae.decode
 
-    def timed_unet(*a, **k):
-        if "loop" not in marks:
-            sync()
-            marks["loop"] = time.perf_counter()
+    def stamp(name, forward):
+        def timed(*a, **k):
+            if name not in marks:
+                sync()
+                marks[name] = time.perf_counter()
+            return forward(*a, **k)
+        return timed
+
+    unet_calls = [0]
+    unet_forward = pipe.unet.forward
+
+    def counted(*a, **k):
+        unet_calls[0] += 1
         return unet_forward(*a, **k)
 
-    def timed_decode(*a, **k):
-        if "decode" not in marks:
-            sync()
-            marks["decode"] = time.perf_counter()
-        return vae_decode(*a, **k)
+    pipe.unet.forward = stamp("loop", counted)
+    pipe.vae.decode = stamp("decode", pipe.vae.decode)
+    if args.workload == "profile":
+        pipe.controlnet.forward = stamp("loop", pipe.controlnet.forward)
+        workload = dict(
+            image=Image.open(args.init).convert("RGB"),
+            control_image=Image.open(args.control).convert("RGB"),
+            strength=args.strength,
+            controlnet_conditioning_scale=args.control_scale,
+            control_guidance_start=0.0,
+            control_guidance_end=args.control_end,
+        )
+    else:
+        workload = {}
 
-    pipe.unet.forward, pipe.vae.decode = timed_unet, timed_decode
+    last = {}
 
     def once():
         marks.clear()
         sync()
         t0 = time.perf_counter()
-        pipe(
+        images = pipe(
             prompt=args.prompt,
             negative_prompt="",
             width=args.width,
@@ -215,8 +309,10 @@ def run(args) -> None:
             guidance_scale=args.guidance,
             generator=torch.Generator("cpu").manual_seed(args.seed),
             output_type="pil",
-        )
+            **workload,
+        ).images
         sync()
+        last["image"] = images[0]
         return time.perf_counter() - t0, marks["decode"] - marks["loop"]
 
     with torch.inference_mode():
@@ -225,11 +321,14 @@ def run(args) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         results = [once() for _ in range(args.runs)]
 
+    if args.save_image:
+        last["image"].save(args.save_image)
     print(json.dumps({
         "load_s": load_s,
         "seconds": [r[0] for r in results],
         "denoise_s": [r[1] for r in results],
-        "steps": args.steps,
+        # Denoising steps actually run (img2img runs the last `strength` of the schedule).
+        "steps": unet_calls[0] // (args.runs + 1),
         "peak_rss_bytes": peak_rss_bytes(),
         "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
         "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
@@ -243,6 +342,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--make-model", type=Path, metavar="DIR")
+    mode.add_argument("--make-extras", type=Path, metavar="DIR")
     mode.add_argument("--run", action="store_true")
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
     parser.add_argument("--model", type=Path, help="--run: a diffusers SDXL folder")
@@ -256,9 +356,24 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--prompt", default="a studio portrait, warm light")
+    parser.add_argument("--rank", type=int, default=32, help="--make-extras: LoRA rank")
+    parser.add_argument("--workload", choices=("txt2img", "profile"), default="txt2img")
+    parser.add_argument("--controlnet", type=Path)
+    parser.add_argument("--lora", type=Path)
+    parser.add_argument("--lora-weight", type=float, default=0.8)
+    parser.add_argument("--init", type=Path)
+    parser.add_argument("--control", type=Path)
+    parser.add_argument("--strength", type=float, default=0.6)
+    parser.add_argument("--control-scale", type=float, default=0.6)
+    parser.add_argument("--control-end", type=float, default=0.8)
+    parser.add_argument("--save-image", type=Path, help="--run: save the last image here")
     args = parser.parse_args()
     if args.make_model:
         make_model(args)
+    elif args.make_extras:
+        if args.model is None:
+            parser.error("--make-extras needs --model")
+        make_extras(args)
     else:
         if args.model is None:
             parser.error("--run needs --model")

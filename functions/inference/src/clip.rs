@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use crate::layers;
 use crate::{EngineError, Result};
 
 /// The activation of the encoder MLPs (`hidden_act` in `config.json`).
@@ -182,9 +183,7 @@ struct ClipTextEmbeddings {
 
 impl ClipTextEmbeddings {
     fn new(path: nn::Path, config: &ClipTextConfig) -> Self {
-        let embedding = |name: &str, n: i64| {
-            nn::embedding(&path / name, n, config.hidden_size, Default::default())
-        };
+        let embedding = |name: &str, n: i64| layers::embedding(&path / name, n, config.hidden_size);
         ClipTextEmbeddings {
             token_embedding: embedding("token_embedding", config.vocab_size),
             position_embedding: embedding("position_embedding", config.max_position_embeddings),
@@ -212,7 +211,7 @@ struct ClipAttention {
 impl ClipAttention {
     fn new(path: nn::Path, config: &ClipTextConfig) -> Self {
         let width = config.hidden_size;
-        let linear = |name: &str| nn::linear(&path / name, width, width, Default::default());
+        let linear = |name: &str| layers::linear(&path / name, width, width, true);
         ClipAttention {
             q_proj: linear("q_proj"),
             k_proj: linear("k_proj"),
@@ -260,8 +259,8 @@ impl ClipMlp {
     fn new(path: nn::Path, config: &ClipTextConfig) -> Self {
         let (width, inner) = (config.hidden_size, config.intermediate_size);
         ClipMlp {
-            fc1: nn::linear(&path / "fc1", width, inner, Default::default()),
-            fc2: nn::linear(&path / "fc2", inner, width, Default::default()),
+            fc1: layers::linear(&path / "fc1", width, inner, true),
+            fc2: layers::linear(&path / "fc2", inner, width, true),
             activation: config.hidden_act,
         }
     }
@@ -298,11 +297,7 @@ impl ClipEncoderLayer {
 }
 
 fn layer_norm(path: nn::Path, config: &ClipTextConfig) -> nn::LayerNorm {
-    let ln_config = nn::LayerNormConfig {
-        eps: config.layer_norm_eps,
-        ..Default::default()
-    };
-    nn::layer_norm(path, vec![config.hidden_size], ln_config)
+    layers::layer_norm(path, config.hidden_size, config.layer_norm_eps)
 }
 
 /// What a CLIP text model computes for a batch of id rows.
@@ -425,15 +420,11 @@ impl ClipTextModelWithProjection {
     /// Creates the parameters `text_model.*` and `text_projection.weight` under `path`.
     pub fn new(path: nn::Path, config: &ClipTextConfig) -> Result<Self> {
         let text_model = ClipTextModel::new(path.clone(), config)?;
-        let no_bias = nn::LinearConfig {
-            bias: false,
-            ..Default::default()
-        };
-        let text_projection = nn::linear(
+        let text_projection = layers::linear(
             &path / "text_projection",
             config.hidden_size,
             config.projection_dim,
-            no_bias,
+            false,
         );
         Ok(ClipTextModelWithProjection {
             text_model,

@@ -17,6 +17,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::device::DType;
+use crate::layers::conv2d;
 use crate::loader::{Component, ComponentSource, WeightVariant};
 use crate::unet::unet_2d_blocks::{
     CrossAttnDownBlock2D, DownBlock, DownBlock2D, DownBlockConfig, MidBlockConfig,
@@ -24,7 +25,7 @@ use crate::unet::unet_2d_blocks::{
 };
 use crate::unet::{
     AddedConditioning, ControlResiduals, PerBlock, TimeConditioning, Timestep, UNetConfig,
-    check_groups, conv2d,
+    check_groups,
 };
 use crate::{EngineError, Result};
 

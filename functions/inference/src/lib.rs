@@ -12,11 +12,16 @@ use std::path::PathBuf;
 
 pub mod clip;
 pub mod controlnet;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
+mod layers;
 pub mod loader;
 pub mod lora;
 pub mod pipeline;
 pub mod scheduler;
+#[cfg(feature = "cuda")]
+mod step_graph;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;
@@ -28,6 +33,14 @@ pub enum EngineError {
     /// A device name that is not `cpu`, `cuda` or `cuda:N`.
     #[error("unknown device {0:?} (expected cpu, cuda or cuda:N)")]
     UnknownDevice(String),
+    /// A CUDA runtime call of the graph/allocator shim failed.
+    #[error("CUDA {what}: {message}")]
+    Cuda {
+        /// What was being done.
+        what: &'static str,
+        /// libtorch's or the driver's account.
+        message: String,
+    },
     /// A dtype name that is not `f32`, `f16` or `bf16`.
     #[error("unknown dtype {0:?} (expected f32, f16 or bf16)")]
     UnknownDType(String),

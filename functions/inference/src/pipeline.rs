@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -30,9 +30,11 @@ use crate::device::DType;
 use crate::loader::{Component, Layout, ModelSource, SourceOptions};
 use crate::lora::{LoraFuser, LoraSwitch, LoraTarget, LoraWeights};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind, step_noise_like};
+#[cfg(feature = "cuda")]
+use crate::step_graph::StepGraphs;
 use crate::text_encoder::{PromptRequest, SdxlTextEncoders, TextConditioning};
 use crate::tokenizer::ClipTokenizer;
-use crate::unet::{AddedConditioning, UNet2DConditionModel, UNetConfig};
+use crate::unet::{AddedConditioning, Timestep, UNet2DConditionModel, UNetConfig};
 use crate::vae::{AutoencoderKL, LatentSample, VaeConfig, image_to_tensor, tensor_to_image};
 use crate::{EngineError, Result};
 
@@ -153,6 +155,33 @@ struct PreparedControl<'a> {
     input: &'a ControlInput,
 }
 
+/// The tensors one denoising step reads.
+pub(crate) struct StepInputs<'a> {
+    /// The scaled model input, `[batch, 4, h, w]`.
+    pub(crate) sample: &'a Tensor,
+    /// The timestep, on the device for graphs (`[]` or `[1]`).
+    pub(crate) timestep: Timestep<'a>,
+    /// Text hidden states, `[batch, 77, 2048]`.
+    pub(crate) hidden: &'a Tensor,
+    /// Pooled text embeddings, `[batch, 1280]`.
+    pub(crate) pooled: &'a Tensor,
+    /// Size and crop conditioning, `[batch, 6]`.
+    pub(crate) time_ids: &'a Tensor,
+}
+
+/// A ControlNet inside its guidance window at this step.
+pub(crate) struct ActiveControl<'a> {
+    /// Its id in the pipeline (keys the step's CUDA graph).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) id: ControlNetId,
+    /// The model.
+    pub(crate) net: &'a ControlNet,
+    /// Its conditioning image, `[batch, 3, H, W]`.
+    pub(crate) image: &'a Tensor,
+    /// Conditioning scale × the window's keep factor.
+    pub(crate) scale: f64,
+}
+
 /// Held while a generation seeds and draws from libtorch's process-wide CPU generator, and while
 /// a model is built (layer construction draws from it too).
 static GENERATOR: Mutex<()> = Mutex::new(());
@@ -198,6 +227,34 @@ pub struct SdxlPipeline {
     scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
+    /// Denoising steps recorded as CUDA graphs (CUDA builds on a CUDA device).
+    #[cfg(feature = "cuda")]
+    graphs: Mutex<GraphState>,
+}
+
+/// Whether denoising steps run as CUDA graphs.
+#[cfg(feature = "cuda")]
+enum GraphState {
+    /// Eager execution (the CPU, or turned off).
+    Off,
+    /// Steps replay recorded graphs.
+    On(StepGraphs),
+    /// A recording failed; steps run eagerly. The message says why.
+    Failed(String),
+}
+
+/// How to load a pipeline, beyond the model, device and precision.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// For a single-file checkpoint that is not SDXL base-shaped: a diffusers folder whose
+    /// configs, tokenizers and scheduler config are used (its weights are not read).
+    pub config_dir: Option<PathBuf>,
+    /// The VAE's precision. Default: the pipeline's, except next to an f16 denoiser when the
+    /// VAE asks for `force_upcast` (the stock SDXL VAE overflows in f16): there diffusers runs
+    /// it in f32 ([`VaeConfig::run_kind`]), Darkroom in bf16, which has f32's range at half the
+    /// memory and time (the f32 decode of a 1024² image is the largest memory peak of a
+    /// generation). `Some(DType::F32)` gives diffusers' choice.
+    pub vae_dtype: Option<DType>,
 }
 
 /// The parts of `model_index.json` the pipeline reads.
@@ -216,16 +273,31 @@ impl SdxlPipeline {
     ///
     /// `config_dir` describes a single-file checkpoint that is not SDXL base-shaped: a diffusers
     /// folder whose configs, tokenizers and scheduler config are used (its weights are not read).
-    /// The VAE runs in f32 next to an f16 UNet when its config asks for it (`force_upcast`, the
-    /// stock SDXL VAE overflows in f16); a fp16-safe VAE (`force_upcast: false`) runs in f16.
+    /// The VAE runs in bf16 next to an f16 UNet when its config asks for upcasting
+    /// (`force_upcast`, the stock SDXL VAE overflows in f16; see [`LoadOptions::vae_dtype`]); a
+    /// fp16-safe VAE (`force_upcast: false`) runs in f16.
     pub fn load(
         model: &Path,
         config_dir: Option<&Path>,
         device: Device,
         dtype: DType,
     ) -> Result<Self> {
+        let options = LoadOptions {
+            config_dir: config_dir.map(Path::to_path_buf),
+            ..LoadOptions::default()
+        };
+        Self::load_with(model, device, dtype, &options)
+    }
+
+    /// [`load`](Self::load) with every option.
+    pub fn load_with(
+        model: &Path,
+        device: Device,
+        dtype: DType,
+        load_options: &LoadOptions,
+    ) -> Result<Self> {
         let mut options = SourceOptions::new(dtype);
-        if let Some(dir) = config_dir {
+        if let Some(dir) = &load_options.config_dir {
             options = options.with_config_dir(dir);
         }
         let source = ModelSource::open(model, &options)?;
@@ -267,7 +339,12 @@ impl SdxlPipeline {
         let unet = build(&source, Component::Unet, device, kind, &mut stores, |p| {
             UNet2DConditionModel::new(p, &unet_config)
         })?;
-        let vae_kind = vae_config.run_kind(kind);
+        let vae_kind = match load_options.vae_dtype {
+            Some(vae_dtype) => vae_dtype.kind(),
+            // bf16 where diffusers upcasts to f32: the same range, half the memory and time.
+            None if vae_config.run_kind(kind) != kind => Kind::BFloat16,
+            None => kind,
+        };
         let vae = build(
             &source,
             Component::Vae,
@@ -338,7 +415,39 @@ impl SdxlPipeline {
             scheduler_config,
             device,
             kind,
+            #[cfg(feature = "cuda")]
+            graphs: Mutex::new(match device {
+                Device::Cuda(index) => GraphState::On(StepGraphs::new(index)),
+                _ => GraphState::Off,
+            }),
         })
+    }
+
+    /// Turns CUDA graphs for the denoising steps on or off (on by default on CUDA devices; no
+    /// effect on the CPU). Results are the same either way; graphs remove the host's per-kernel
+    /// launch cost, which bounds SDXL's step time on fast GPUs.
+    #[cfg(feature = "cuda")]
+    pub fn set_cuda_graphs(&self, enabled: bool) {
+        let mut state = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        *state = match (enabled, self.device) {
+            (true, Device::Cuda(index)) => GraphState::On(StepGraphs::new(index)),
+            _ => GraphState::Off,
+        };
+    }
+
+    /// Whether steps run as CUDA graphs: `Ok(true)` when on, `Ok(false)` when off, `Err` with
+    /// the reason when a recording failed and steps fell back to eager execution.
+    pub fn cuda_graphs(&self) -> std::result::Result<bool, String> {
+        #[cfg(feature = "cuda")]
+        {
+            match &*self.graphs.lock().unwrap_or_else(|e| e.into_inner()) {
+                GraphState::Off => Ok(false),
+                GraphState::On(_) => Ok(true),
+                GraphState::Failed(reason) => Err(reason.clone()),
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(false)
     }
 
     /// The variable store holding `component`'s weights (shared with the module).
@@ -444,6 +553,15 @@ impl SdxlPipeline {
         let first = scheduler.begin_index();
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len() - first;
+        // For recorded steps the timestep is an input buffer on the device: upload them once.
+        let device_timesteps =
+            Tensor::from_slice(&timesteps.iter().map(|&t| t as f32).collect::<Vec<f32>>())
+                .to_device(self.device);
+        #[cfg(feature = "cuda")]
+        if let GraphState::On(graphs) = &mut *self.graphs.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            graphs.begin_generation();
+        }
         for (done, index) in (first..timesteps.len()).enumerate() {
             let model_input = if guided {
                 Tensor::cat(&[&latents, &latents], 0)
@@ -451,39 +569,29 @@ impl SdxlPipeline {
                 latents.shallow_clone()
             };
             let model_input = scheduler.scale_model_input(&model_input, index)?;
-            let added = AddedConditioning {
-                text_embeds: &pooled,
-                time_ids: &time_ids,
-            };
             // StableDiffusionXLControlNet(Img2Img)Pipeline: every ControlNet in its window sees
             // the UNet's input and text conditioning; `cond_scale = scale × keep`.
-            let mut control: Option<ControlNetOutput> = None;
-            for prepared in &controls {
-                let keep = prepared.input.keep(done, total);
-                if keep == 0.0 {
-                    continue;
-                }
-                let output = prepared.net.model().forward(
-                    &model_input,
-                    timesteps[index],
-                    &hidden,
-                    &prepared.image,
-                    prepared.input.conditioning_scale * keep,
-                    Some(&added),
-                )?;
-                match &mut control {
-                    Some(sum) => sum.accumulate(&output)?,
-                    None => control = Some(output),
-                }
-            }
-            let residuals = control.as_ref().map(ControlNetOutput::residuals);
-            let prediction = self.unet.forward_with_control(
-                &model_input,
-                timesteps[index],
-                &hidden,
-                Some(&added),
-                residuals.as_ref(),
-            )?;
+            let active: Vec<ActiveControl<'_>> = controls
+                .iter()
+                .filter_map(|prepared| {
+                    let keep = prepared.input.keep(done, total);
+                    (keep != 0.0).then_some(ActiveControl {
+                        id: prepared.input.controlnet,
+                        net: prepared.net,
+                        image: &prepared.image,
+                        scale: prepared.input.conditioning_scale * keep,
+                    })
+                })
+                .collect();
+            let timestep = device_timesteps.get(index as i64);
+            let inputs = StepInputs {
+                sample: &model_input,
+                timestep: Timestep::Value(timesteps[index]),
+                hidden: &hidden,
+                pooled: &pooled,
+                time_ids: &time_ids,
+            };
+            let prediction = self.predict_step(&inputs, &timestep, &active)?;
             let prediction = if guided {
                 let halves = prediction.chunk(2, 0);
                 let (uncond, text) = (&halves[0], &halves[1]);
@@ -515,6 +623,73 @@ impl SdxlPipeline {
             latents: latents.to_kind(Kind::Float).to_device(Device::Cpu),
             timings,
         })
+    }
+
+    /// The noise prediction of one step: through its CUDA graph when graphs are on (`timestep`
+    /// is `inputs.timestep` as a device tensor), else eagerly.
+    fn predict_step(
+        &self,
+        inputs: &StepInputs<'_>,
+        timestep: &Tensor,
+        controls: &[ActiveControl<'_>],
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let mut state = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+            if let GraphState::On(graphs) = &mut *state {
+                let on_device = StepInputs {
+                    timestep: Timestep::Tensor(timestep),
+                    ..*inputs
+                };
+                match graphs.predict(&on_device, controls, &|i, c| self.predict_eager(i, c)) {
+                    Ok(prediction) => return Ok(prediction),
+                    Err(error) => *state = GraphState::Failed(error.to_string()),
+                }
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = timestep;
+        self.predict_eager(inputs, controls)
+    }
+
+    /// The ControlNets' residuals, summed as diffusers' `MultiControlNetModel` does, then the
+    /// UNet's noise prediction.
+    fn predict_eager(
+        &self,
+        inputs: &StepInputs<'_>,
+        controls: &[ActiveControl<'_>],
+    ) -> Result<Tensor> {
+        let added = AddedConditioning {
+            text_embeds: inputs.pooled,
+            time_ids: inputs.time_ids,
+        };
+        let timestep = || match inputs.timestep {
+            Timestep::Value(value) => Timestep::Value(value),
+            Timestep::Tensor(tensor) => Timestep::Tensor(tensor),
+        };
+        let mut control: Option<ControlNetOutput> = None;
+        for active in controls {
+            let output = active.net.model().forward(
+                inputs.sample,
+                timestep(),
+                inputs.hidden,
+                active.image,
+                active.scale,
+                Some(&added),
+            )?;
+            match &mut control {
+                Some(sum) => sum.accumulate(&output)?,
+                None => control = Some(output),
+            }
+        }
+        let residuals = control.as_ref().map(ControlNetOutput::residuals);
+        self.unet.forward_with_control(
+            inputs.sample,
+            timestep(),
+            inputs.hidden,
+            Some(&added),
+            residuals.as_ref(),
+        )
     }
 
     /// The model LoRAs are resolved against (the UNet's and text encoders' weights).
@@ -599,6 +774,11 @@ impl SdxlPipeline {
 
     /// Unloads a ControlNet (its memory is freed when the returned value is dropped).
     pub fn remove_controlnet(&mut self, id: ControlNetId) -> Option<ControlNet> {
+        #[cfg(feature = "cuda")]
+        if let GraphState::On(graphs) = &mut *self.graphs.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            graphs.forget_controlnet(id);
+        }
         self.controlnets.remove(&id)
     }
 

@@ -3,8 +3,14 @@
 //!
 //! ```text
 //! darkroom-bench --size tiny|full --device cpu|cuda --dtype f32|f16|bf16 --steps N
-//!   --width W --height H --runs R [--model DIR] [--python PATH] [--json OUT]
+//!   --width W --height H --runs R [--workload txt2img|profile] [--model DIR]
+//!   [--controlnet DIR --lora FILE] [--python PATH] [--json OUT]
 //! ```
+//!
+//! `--workload profile` is the shape of the profile presets: img2img at strength 0.6 with one
+//! ControlNet (scale 0.6, active for the first 80 % of the steps) and one LoRA fused at weight
+//! 0.8; for generated models the ControlNet and a rank-32 LoRA are generated too
+//! (`bench_diffusers.py --make-extras`).
 //!
 //! Without `--model` the weights are generated once by `reference/bench_diffusers.py --make-model`
 //! (tiny: reference/pipeline.py's test model; full: the SDXL 1.0 base architecture) and cached
@@ -20,7 +26,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use darkroom_inference::device::{DType, DeviceSpec, resolve};
-use darkroom_inference::pipeline::{GenerateRequest, SdxlPipeline};
+use darkroom_inference::pipeline::{
+    ControlInput, GenerateRequest, InitImage, LoadOptions, SdxlPipeline,
+};
 use darkroom_inference::scheduler::SchedulerKind;
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +40,16 @@ enum Size {
     Tiny,
     /// The SDXL 1.0 base architecture with random weights (~7 GB in f16).
     Full,
+}
+
+/// What each timed image does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Workload {
+    /// Text to image.
+    Txt2img,
+    /// The profile presets' shape: img2img + one ControlNet + one fused LoRA.
+    Profile,
 }
 
 #[derive(Parser)]
@@ -76,6 +94,57 @@ struct Args {
     /// Seed of the initial noise (the same for both sides).
     #[arg(long, default_value_t = 0)]
     seed: i64,
+    /// What each timed image does.
+    #[arg(long, value_enum, default_value = "txt2img")]
+    workload: Workload,
+    /// `profile`: a diffusers ControlNet folder (default: the generated one).
+    #[arg(long)]
+    controlnet: Option<PathBuf>,
+    /// `profile`: a LoRA file (default: the generated rank-32 one).
+    #[arg(long)]
+    lora: Option<PathBuf>,
+    /// `profile`: the LoRA's weight.
+    #[arg(long, default_value_t = 0.8)]
+    lora_weight: f64,
+    /// `profile`: img2img strength.
+    #[arg(long, default_value_t = 0.6)]
+    strength: f64,
+    /// `profile`: ControlNet conditioning scale.
+    #[arg(long, default_value_t = 0.6)]
+    control_scale: f64,
+    /// `profile`: the fraction of the steps after which the ControlNet stops.
+    #[arg(long, default_value_t = 0.8)]
+    control_end: f64,
+    /// Darkroom's VAE precision (default: diffusers' rule, f32 next to f16).
+    #[arg(long)]
+    vae_dtype: Option<DType>,
+    /// Run Darkroom's denoising steps eagerly instead of as CUDA graphs.
+    #[arg(long)]
+    no_cuda_graphs: bool,
+    /// cuDNN autotuning for Darkroom's convolutions.
+    #[arg(long)]
+    cudnn_benchmark: bool,
+    /// Darkroom's attention kernels: default, fa3 or cudnn.
+    #[arg(long, default_value = "default")]
+    attention: String,
+    /// Time Darkroom alone (no diffusers run; the table has no ratios).
+    #[arg(long)]
+    no_diffusers: bool,
+    /// Also time Darkroom with CUDA graphs off, on the same loaded pipeline (a third row).
+    #[arg(long)]
+    also_eager: bool,
+    /// Save each side's last image here (darkroom.png, diffusers.png, darkroom-eager.png).
+    #[arg(long)]
+    images: Option<PathBuf>,
+}
+
+/// The profile workload's inputs, shared by both sides.
+#[derive(Debug, Serialize)]
+struct ProfileInputs {
+    controlnet: PathBuf,
+    lora: PathBuf,
+    init: PathBuf,
+    control: PathBuf,
 }
 
 /// What one side measured.
@@ -132,30 +201,55 @@ fn main() -> anyhow::Result<()> {
         DeviceSpec::Cpu => None,
     };
 
+    let cache = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| target_dir(&repo).join("darkroom-bench"));
     let model = match &args.model {
         Some(model) => model.clone(),
-        None => {
-            let cache = args
-                .cache
-                .clone()
-                .unwrap_or_else(|| target_dir(&repo).join("darkroom-bench"));
-            generated_model(&python, &script, &cache, args.size, args.dtype)?
-        }
+        None => generated_model(&python, &script, &cache, args.size, args.dtype)?,
     };
     eprintln!("model: {}", model.display());
+    let profile = match args.workload {
+        Workload::Txt2img => None,
+        Workload::Profile => Some(profile_inputs(&args, &python, &script, &cache, &model)?),
+    };
     warm_page_cache(&model)?;
+    if let Some(inputs) = &profile {
+        warm_page_cache(&inputs.controlnet)?;
+    }
     let threads = tch::get_num_threads();
 
-    eprintln!("diffusers: warm-up + {} runs…", args.runs);
-    let diffusers = run_diffusers(&args, &python, &script, &model, threads, cuda_index)?;
+    let diffusers = if args.no_diffusers {
+        None
+    } else {
+        eprintln!("diffusers: warm-up + {} runs…", args.runs);
+        Some(run_diffusers(
+            &args,
+            &python,
+            &script,
+            &model,
+            profile.as_ref(),
+            threads,
+            cuda_index,
+        )?)
+    };
 
     eprintln!("darkroom: warm-up + {} runs…", args.runs);
-    let darkroom = run_darkroom(&args, &model, device, cuda_index)?;
+    let darkroom = run_darkroom(&args, &model, profile.as_ref(), device, cuda_index)?;
 
-    print_table(&args, &model, threads, &darkroom, &diffusers);
+    print_table(&args, &model, threads, &darkroom, diffusers.as_ref());
+    if let Some(dir) = &args.images {
+        darkroom.image.save(dir.join("darkroom.png"))?;
+        if let Some(image) = &darkroom.eager_image {
+            image.save(dir.join("darkroom-eager.png"))?;
+        }
+    }
     if let Some(path) = &args.json {
         let value = serde_json::json!({
             "size": args.size,
+            "workload": args.workload,
+            "profile": profile,
             "device": args.device.to_string(),
             "dtype": args.dtype,
             "steps": args.steps,
@@ -164,9 +258,12 @@ fn main() -> anyhow::Result<()> {
             "runs": args.runs,
             "threads": threads,
             "model": model,
-            "darkroom": darkroom,
-            "diffusers": diffusers.0,
-            "diffusers_report": diffusers.1,
+            "darkroom": darkroom.side,
+            "darkroom_eager": darkroom.eager,
+            "cuda_graphs": darkroom.graphs,
+            "darkroom_allocator": darkroom.allocator,
+            "diffusers": diffusers.as_ref().map(|d| &d.0),
+            "diffusers_report": diffusers.as_ref().map(|d| &d.1),
         });
         std::fs::write(path, serde_json::to_string_pretty(&value)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
@@ -198,6 +295,15 @@ fn target_dir(repo: &Path) -> PathBuf {
         .unwrap_or_else(|| repo.join("target"))
 }
 
+/// The dtype a generated model is stored in: the tiny model is always f32 (pipeline.py's), the
+/// full one is stored in the run dtype.
+fn stored_dtype(size: Size, dtype: DType) -> &'static str {
+    match size {
+        Size::Tiny => "f32",
+        Size::Full => dtype_name(dtype),
+    }
+}
+
 /// The cached generated model folder, made on first use (into a scratch folder, then renamed).
 fn generated_model(
     python: &Path,
@@ -206,17 +312,10 @@ fn generated_model(
     size: Size,
     dtype: DType,
 ) -> anyhow::Result<PathBuf> {
-    // The tiny model is always f32 (pipeline.py's); the full one is stored in the run dtype.
-    let (name, stored) = match size {
-        Size::Tiny => ("tiny".to_owned(), "f32"),
-        Size::Full => {
-            let stored = match dtype {
-                DType::F32 => "f32",
-                DType::F16 => "f16",
-                DType::Bf16 => "bf16",
-            };
-            (format!("full-{stored}"), stored)
-        }
+    let stored = stored_dtype(size, dtype);
+    let name = match size {
+        Size::Tiny => "tiny".to_owned(),
+        Size::Full => format!("full-{stored}"),
     };
     let dir = cache.join(&name);
     if dir.join(".done").exists() {
@@ -245,6 +344,103 @@ fn generated_model(
     std::fs::rename(&scratch, &dir)
         .with_context(|| format!("moving {} to {}", scratch.display(), dir.display()))?;
     Ok(dir.join("model"))
+}
+
+/// The ControlNet, LoRA and input images of the profile workload: the given ones, else generated
+/// next to the generated model (once), and two synthetic W×H images (a smooth portrait-like
+/// init image and an edge map), rewritten on every run.
+fn profile_inputs(
+    args: &Args,
+    python: &Path,
+    script: &Path,
+    cache: &Path,
+    model: &Path,
+) -> anyhow::Result<ProfileInputs> {
+    let root = model.parent().unwrap_or(model);
+    let extras = root.join("extras");
+    let (controlnet, lora) = match (&args.controlnet, &args.lora) {
+        (Some(controlnet), Some(lora)) => (controlnet.clone(), lora.clone()),
+        (None, None) if args.model.is_none() => {
+            if !extras.join(".done").exists() {
+                eprintln!(
+                    "generating a ControlNet and two LoRAs into {} (once)…",
+                    extras.display()
+                );
+                let status = Command::new(python)
+                    .arg(script)
+                    .arg("--make-extras")
+                    .arg(&extras)
+                    .arg("--model")
+                    .arg(model)
+                    .args(["--dtype", stored_dtype(args.size, args.dtype)])
+                    .env("HF_HUB_OFFLINE", "1")
+                    .stdout(Stdio::null())
+                    .status()
+                    .with_context(|| format!("running {}", python.display()))?;
+                if !status.success() {
+                    bail!("{} --make-extras failed ({status})", script.display());
+                }
+                std::fs::write(extras.join(".done"), b"")?;
+            }
+            (extras.join("controlnet"), extras.join("lora/a.safetensors"))
+        }
+        _ => bail!("--workload profile with --model needs both --controlnet and --lora"),
+    };
+    let inputs = cache.join("inputs");
+    std::fs::create_dir_all(&inputs)?;
+    let (w, h) = (args.width, args.height);
+    let init = inputs.join(format!("init-{w}x{h}.png"));
+    let control = inputs.join(format!("edges-{w}x{h}.png"));
+    synthetic_portrait(w, h)
+        .save(&init)
+        .with_context(|| format!("writing {}", init.display()))?;
+    synthetic_edges(w, h)
+        .save(&control)
+        .with_context(|| format!("writing {}", control.display()))?;
+    Ok(ProfileInputs {
+        controlnet,
+        lora,
+        init,
+        control,
+    })
+}
+
+/// A warm backdrop gradient with a lighter ellipse where a face would be.
+fn synthetic_portrait(width: u32, height: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(width, height, |x, y| {
+        let (u, v) = (
+            f64::from(x) / f64::from(width),
+            f64::from(y) / f64::from(height),
+        );
+        let face = ((u - 0.5) / 0.22).powi(2) + ((v - 0.42) / 0.3).powi(2) < 1.0;
+        let channel = |base: f64| (base * 255.0).round().clamp(0.0, 255.0) as u8;
+        if face {
+            image::Rgb([channel(0.86 - 0.1 * v), channel(0.68), channel(0.58)])
+        } else {
+            image::Rgb([
+                channel(0.3 + 0.3 * u),
+                channel(0.25 + 0.2 * v),
+                channel(0.2),
+            ])
+        }
+    })
+}
+
+/// White outlines on black, as a canny map of [`synthetic_portrait`] would look.
+fn synthetic_edges(width: u32, height: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(width, height, |x, y| {
+        let (u, v) = (
+            f64::from(x) / f64::from(width),
+            f64::from(y) / f64::from(height),
+        );
+        let r = ((u - 0.5) / 0.22).powi(2) + ((v - 0.42) / 0.3).powi(2);
+        let on = (r - 1.0).abs() < 0.03 || (v - 0.85).abs() < 0.004;
+        if on {
+            image::Rgb([255; 3])
+        } else {
+            image::Rgb([0; 3])
+        }
+    })
 }
 
 /// Reads every file of the model once, so both sides load from the page cache.
@@ -327,11 +523,13 @@ fn run_diffusers(
     python: &Path,
     script: &Path,
     model: &Path,
+    profile: Option<&ProfileInputs>,
     threads: i32,
     cuda_index: Option<usize>,
 ) -> anyhow::Result<(Side, DiffusersReport)> {
     let memory = cuda_index.and_then(GpuMemoryPeak::start);
-    let output = Command::new(python)
+    let mut command = Command::new(python);
+    command
         .arg(script)
         .arg("--run")
         .arg("--model")
@@ -344,7 +542,28 @@ fn run_diffusers(
         .args(["--runs", &args.runs.to_string()])
         .args(["--threads", &threads.to_string()])
         .args(["--seed", &args.seed.to_string()])
-        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", "1");
+    if let Some(dir) = &args.images {
+        std::fs::create_dir_all(dir)?;
+        command.arg("--save-image").arg(dir.join("diffusers.png"));
+    }
+    if let Some(inputs) = profile {
+        command
+            .args(["--workload", "profile"])
+            .arg("--controlnet")
+            .arg(&inputs.controlnet)
+            .arg("--lora")
+            .arg(&inputs.lora)
+            .arg("--init")
+            .arg(&inputs.init)
+            .arg("--control")
+            .arg(&inputs.control)
+            .args(["--lora-weight", &args.lora_weight.to_string()])
+            .args(["--strength", &args.strength.to_string()])
+            .args(["--control-scale", &args.control_scale.to_string()])
+            .args(["--control-end", &args.control_end.to_string()]);
+    }
+    let output = command
         .output()
         .with_context(|| format!("running {}", python.display()))?;
     let gpu_peak = memory.map(GpuMemoryPeak::finish);
@@ -377,23 +596,91 @@ fn run_diffusers(
     Ok((side, report))
 }
 
+/// What the Darkroom side measured.
+struct DarkroomRun {
+    /// Default settings (CUDA graphs on a GPU).
+    side: Side,
+    /// The same pipeline with CUDA graphs off (`--also-eager`).
+    eager: Option<Side>,
+    /// The last image of each.
+    image: image::RgbImage,
+    eager_image: Option<image::RgbImage>,
+    /// "on", "off" or why recording failed.
+    graphs: String,
+    /// The caching allocator's peaks over the default runs (CUDA builds on a GPU).
+    allocator: Option<(u64, u64, u64)>,
+}
+
 fn run_darkroom(
     args: &Args,
     model: &Path,
+    profile: Option<&ProfileInputs>,
     device: tch::Device,
     cuda_index: Option<usize>,
-) -> anyhow::Result<Side> {
+) -> anyhow::Result<DarkroomRun> {
     let sync = || {
         if let Some(index) = cuda_index {
             tch::Cuda::synchronize(index as i64);
         }
     };
+    #[cfg(feature = "cuda")]
+    if cuda_index.is_some() {
+        use darkroom_inference::cuda::{
+            AttentionKernels, set_attention_kernels, set_cudnn_benchmark,
+        };
+        set_cudnn_benchmark(args.cudnn_benchmark)?;
+        set_attention_kernels(match args.attention.as_str() {
+            "default" => AttentionKernels::Default,
+            "fa3" => AttentionKernels::Flash3,
+            "cudnn" => AttentionKernels::CuDnn,
+            other => bail!("--attention {other}: expected default, fa3 or cudnn"),
+        })?;
+    }
     let memory = cuda_index.and_then(GpuMemoryPeak::start);
     let started = Instant::now();
-    let pipeline = SdxlPipeline::load(model, None, device, args.dtype)
+    let options = LoadOptions {
+        vae_dtype: args.vae_dtype,
+        ..LoadOptions::default()
+    };
+    let mut pipeline = SdxlPipeline::load_with(model, device, args.dtype, &options)
         .with_context(|| format!("loading {}", model.display()))?;
+    let (init, controls) = match profile {
+        None => (None, Vec::new()),
+        Some(inputs) => {
+            let controlnet = pipeline
+                .load_controlnet(&inputs.controlnet)
+                .with_context(|| format!("loading {}", inputs.controlnet.display()))?;
+            let lora = pipeline
+                .load_lora(&inputs.lora)
+                .with_context(|| format!("loading {}", inputs.lora.display()))?;
+            pipeline.set_loras(&[(&lora, args.lora_weight)])?;
+            let read = |path: &Path| -> anyhow::Result<image::RgbImage> {
+                Ok(image::open(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .to_rgb8())
+            };
+            let init = InitImage {
+                image: read(&inputs.init)?,
+                strength: args.strength,
+            };
+            let control = ControlInput {
+                conditioning_scale: args.control_scale,
+                guidance_start: 0.0,
+                guidance_end: args.control_end,
+                ..ControlInput::new(controlnet, read(&inputs.control)?)
+            };
+            (Some(init), vec![control])
+        }
+    };
     sync();
     let load_s = started.elapsed().as_secs_f64();
+    #[cfg(feature = "cuda")]
+    {
+        pipeline.set_cuda_graphs(!args.no_cuda_graphs);
+        if let Some(index) = cuda_index {
+            darkroom_inference::cuda::reset_peak_memory(index)?;
+        }
+    }
 
     let request = GenerateRequest {
         prompt: "a studio portrait, warm light".to_owned(),
@@ -404,44 +691,119 @@ fn run_darkroom(
         guidance: 5.0,
         seed: args.seed,
         scheduler: SchedulerKind::Euler,
-        init: None,
-        controls: Vec::new(),
+        init,
+        controls,
     };
-    let once = || -> anyhow::Result<(f64, f64, usize)> {
-        sync();
-        let started = Instant::now();
-        // Synchronize at the last step so the denoise timing ends when the GPU work does.
-        let generated = pipeline.generate(&request, &mut |done, total| {
-            if done == total {
-                sync();
-            }
-        })?;
-        sync();
-        let seconds = started.elapsed().as_secs_f64();
-        let t = generated.timings;
-        Ok((seconds, t.denoise.as_secs_f64(), t.steps))
+    let timed = |pipeline: &SdxlPipeline| -> anyhow::Result<(Side, image::RgbImage)> {
+        let once = || -> anyhow::Result<(f64, f64, usize, image::RgbImage)> {
+            sync();
+            let started = Instant::now();
+            // Synchronize at the last step so the denoise timing ends when the GPU work does.
+            let generated = pipeline.generate(&request, &mut |done, total| {
+                if done == total {
+                    sync();
+                }
+            })?;
+            sync();
+            let seconds = started.elapsed().as_secs_f64();
+            let t = generated.timings;
+            Ok((seconds, t.denoise.as_secs_f64(), t.steps, generated.image))
+        };
+        let (_, _, _, mut image) = once()?; // warm-up
+        let mut side = Side {
+            load_s,
+            seconds: Vec::with_capacity(args.runs),
+            denoise_s: Vec::with_capacity(args.runs),
+            steps: args.steps,
+            peak_bytes: None,
+        };
+        for _ in 0..args.runs {
+            let (s, d, n, last) = once()?;
+            side.seconds.push(s);
+            side.denoise_s.push(d);
+            side.steps = n;
+            image = last;
+        }
+        Ok((side, image))
     };
-    once()?; // warm-up
-    let mut seconds = Vec::with_capacity(args.runs);
-    let mut denoise_s = Vec::with_capacity(args.runs);
-    let mut steps = args.steps;
-    for _ in 0..args.runs {
-        let (s, d, n) = once()?;
-        seconds.push(s);
-        denoise_s.push(d);
-        steps = n;
-    }
+    let (mut side, image) = timed(&pipeline)?;
     let gpu_peak = memory.map(GpuMemoryPeak::finish);
-    Ok(Side {
-        load_s,
-        seconds,
-        denoise_s,
-        steps,
-        peak_bytes: match cuda_index {
-            Some(_) => gpu_peak,
-            None => peak_rss_bytes(),
-        },
+    side.peak_bytes = match cuda_index {
+        Some(_) => gpu_peak,
+        None => peak_rss_bytes(),
+    };
+    let graphs = match pipeline.cuda_graphs() {
+        Ok(true) => "on".to_owned(),
+        Ok(false) => "off".to_owned(),
+        Err(reason) => format!("failed, ran eagerly: {reason}"),
+    };
+    #[allow(unused_mut)]
+    let mut allocator = None;
+    #[cfg(feature = "cuda")]
+    if let Some(index) = cuda_index {
+        let stats = darkroom_inference::cuda::memory_stats(index)?;
+        allocator = Some((stats.allocated, stats.peak_allocated, stats.peak_reserved));
+    }
+    let (eager, eager_image) = if args.also_eager {
+        #[cfg(feature = "cuda")]
+        pipeline.set_cuda_graphs(false);
+        eprintln!("darkroom (eager): warm-up + {} runs…", args.runs);
+        let (side, image) = timed(&pipeline)?;
+        (Some(side), Some(image))
+    } else {
+        (None, None)
+    };
+    Ok(DarkroomRun {
+        side,
+        eager,
+        image,
+        eager_image,
+        graphs,
+        allocator,
     })
+}
+
+/// The speed-up row and the notes under a Darkroom-vs-diffusers table.
+fn print_ratios(darkroom: &Side, theirs: &Side, report: &DiffusersReport) {
+    let memory_ratio = match (darkroom.peak_bytes, theirs.peak_bytes) {
+        (Some(a), Some(b)) => ratio(a as f64, b as f64),
+        _ => "n/a".to_owned(),
+    };
+    // Every ratio is diffusers' cost over Darkroom's (speed-up), except memory (Darkroom / diffusers).
+    println!(
+        "| {:<9} | {:>8} | {:>12} | {:>11} | {:>14} | {:>12} |",
+        "speed-up",
+        ratio(theirs.load_s, darkroom.load_s),
+        ratio(theirs.mean(), darkroom.mean()),
+        ratio(theirs.min(), darkroom.min()),
+        ratio(darkroom.its(), theirs.its()),
+        memory_ratio
+    );
+    println!();
+    println!(
+        "speed-up = diffusers time / Darkroom time (> 1: Darkroom faster); memory column of that row = Darkroom / diffusers."
+    );
+    if let Some(allocated) = report.cuda_max_allocated_bytes {
+        println!(
+            "diffusers torch.cuda.max_memory_allocated {} (reserved {}); GPU memory columns are nvidia-smi peaks over the idle baseline, CUDA context included.",
+            gib(Some(allocated)),
+            gib(report.cuda_max_reserved_bytes)
+        );
+    }
+}
+
+/// Largest and mean absolute difference of two images' channels, in 1/255 steps.
+fn pixel_difference(a: &image::RgbImage, b: &image::RgbImage) -> Option<(u8, f64)> {
+    if a.dimensions() != b.dimensions() {
+        return None;
+    }
+    let (mut max, mut sum) = (0u8, 0u64);
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        max = max.max(d);
+        sum += u64::from(d);
+    }
+    Some((max, sum as f64 / a.as_raw().len().max(1) as f64))
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
@@ -471,10 +833,10 @@ fn print_table(
     args: &Args,
     model: &Path,
     threads: i32,
-    darkroom: &Side,
-    diffusers: &(Side, DiffusersReport),
+    run: &DarkroomRun,
+    diffusers: Option<&(Side, DiffusersReport)>,
 ) {
-    let (theirs, report) = diffusers;
+    let darkroom = &run.side;
     let where_ = match args.device {
         DeviceSpec::Cpu => format!("cpu, {threads} threads on both sides"),
         device => device.to_string(),
@@ -483,8 +845,16 @@ fn print_table(
         DeviceSpec::Cpu => "peak RSS",
         DeviceSpec::Cuda(_) => "peak GPU mem",
     };
+    let workload = match args.workload {
+        Workload::Txt2img => "txt2img".to_owned(),
+        Workload::Profile => format!(
+            "profile shape (img2img {}, 1 ControlNet scale {} until {} of the steps, 1 LoRA fused at {})",
+            args.strength, args.control_scale, args.control_end, args.lora_weight
+        ),
+    };
     println!(
-        "SDXL txt2img {}×{}, {} steps Euler, CFG 5 (batch 2), {} runs after 1 warm-up — {}, {}",
+        "SDXL {} {}×{}, {} steps Euler, CFG 5 (batch 2), {} runs after 1 warm-up — {}, {}",
+        workload,
         args.width,
         args.height,
         args.steps,
@@ -492,11 +862,19 @@ fn print_table(
         where_,
         dtype_name(args.dtype)
     );
+    match diffusers {
+        Some((_, report)) => println!(
+            "model: {} (torch {}, diffusers {})",
+            model.display(),
+            report.torch,
+            report.diffusers
+        ),
+        None => println!("model: {}", model.display()),
+    }
     println!(
-        "model: {} (torch {}, diffusers {})",
-        model.display(),
-        report.torch,
-        report.diffusers
+        "Darkroom: cuDNN autotuning {}, attention kernels {}",
+        if args.cudnn_benchmark { "on" } else { "off" },
+        args.attention
     );
     println!();
     println!(
@@ -507,7 +885,14 @@ fn print_table(
         "|{:-<11}|{:->10}|{:->14}|{:->13}|{:->16}|{:->14}|",
         "", "", "", "", "", ""
     );
-    for (name, side) in [("Darkroom", darkroom), ("diffusers", theirs)] {
+    let mut rows = vec![("Darkroom", darkroom)];
+    if let Some(eager) = &run.eager {
+        rows.push(("D. eager", eager));
+    }
+    if let Some((theirs, _)) = diffusers {
+        rows.push(("diffusers", theirs));
+    }
+    for (name, side) in rows {
         println!(
             "| {:<9} | {:>8.2} | {:>12.3} | {:>11.3} | {:>14.2} | {:>12} |",
             name,
@@ -518,29 +903,31 @@ fn print_table(
             gib(side.peak_bytes)
         );
     }
-    let memory_ratio = match (darkroom.peak_bytes, theirs.peak_bytes) {
-        (Some(a), Some(b)) => ratio(a as f64, b as f64),
-        _ => "n/a".to_owned(),
-    };
-    // Every ratio is diffusers' cost over Darkroom's (speed-up), except memory (Darkroom / diffusers).
-    println!(
-        "| {:<9} | {:>8} | {:>12} | {:>11} | {:>14} | {:>12} |",
-        "speed-up",
-        ratio(theirs.load_s, darkroom.load_s),
-        ratio(theirs.mean(), darkroom.mean()),
-        ratio(theirs.min(), darkroom.min()),
-        ratio(darkroom.its(), theirs.its()),
-        memory_ratio
-    );
-    println!();
-    println!(
-        "speed-up = diffusers time / Darkroom time (> 1: Darkroom faster); memory column of that row = Darkroom / diffusers."
-    );
-    if let Some(allocated) = report.cuda_max_allocated_bytes {
+    if let Some((theirs, report)) = diffusers {
+        print_ratios(darkroom, theirs, report);
+    }
+    if let Some((allocated, peak, reserved)) = run.allocator {
         println!(
-            "diffusers torch.cuda.max_memory_allocated {} (reserved {}); GPU memory columns are nvidia-smi peaks over the idle baseline, CUDA context included.",
+            "Darkroom caching allocator: {} in use after the runs (weights), peak allocated {}, peak reserved {}.",
             gib(Some(allocated)),
-            gib(report.cuda_max_reserved_bytes)
+            gib(Some(peak)),
+            gib(Some(reserved))
         );
+    }
+    println!("Darkroom CUDA graphs: {}.", run.graphs);
+    let images = |label: &str, a: &image::RgbImage, b: Option<&image::RgbImage>| {
+        if let Some((max, mean)) = b.and_then(|b| pixel_difference(a, b)) {
+            println!("{label}: max pixel difference {max}/255, mean {mean:.3}/255.");
+        }
+    };
+    images(
+        "Darkroom graphs vs eager",
+        &run.image,
+        run.eager_image.as_ref(),
+    );
+    if let Some(path) = args.images.as_ref().map(|d| d.join("diffusers.png"))
+        && let Ok(theirs) = image::open(&path)
+    {
+        images("Darkroom vs diffusers", &run.image, Some(&theirs.to_rgb8()));
     }
 }

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor, nn};
+use tch::{Device, Tensor, nn};
 
 use super::{KeyProblem, LoraError, LoraModule, LoraWeights, Problem};
 use crate::loader::Component;
@@ -151,16 +151,18 @@ impl LoraFuser {
         let mut counts = (0, 0);
         let result = tch::no_grad(|| {
             for key in &touched {
-                let Some(mut var) = variable(key) else {
+                let Some(var) = variable(key) else {
                     continue;
                 };
                 let fail = |source| (key.clone(), source);
+                // Weights are handled as `[1, out, in·kh·kw]` matrices, the factors' layout.
+                let mut matrix = var.f_view(matrix_shape(&var.size())).map_err(fail)?;
                 if !self.pristine.contains_key(key) {
                     // Only parameters of the new set are missing here (restored ones were
                     // copied when first adapted).
-                    let copy = var
+                    let copy = matrix
                         .f_empty_like()
-                        .and_then(|mut copy| copy.f_copy_(&var).map(|_| copy))
+                        .and_then(|mut copy| copy.f_copy_(&matrix).map(|_| copy))
                         .map_err(fail)?;
                     self.pristine.insert(key.clone(), copy);
                 }
@@ -170,11 +172,11 @@ impl LoraFuser {
                 match plan.get(key) {
                     Some(modules) => {
                         let value = fused(base, modules).map_err(fail)?;
-                        var.f_copy_(&value).map_err(fail)?;
+                        matrix.f_copy_(&value).map_err(fail)?;
                         counts.0 += 1;
                     }
                     None => {
-                        var.f_copy_(base).map_err(fail)?;
+                        matrix.f_copy_(base).map_err(fail)?;
                         counts.1 += 1;
                     }
                 }
@@ -186,8 +188,10 @@ impl LoraFuser {
             // Leave the model as the base: every touched weight that has a copy goes back.
             tch::no_grad(|| {
                 for key in &touched {
-                    if let (Some(mut var), Some(base)) = (variable(key), self.pristine.get(key)) {
-                        let _ = var.f_copy_(base);
+                    if let (Some(var), Some(base)) = (variable(key), self.pristine.get(key))
+                        && let Ok(mut matrix) = var.f_view(matrix_shape(&var.size()))
+                    {
+                        let _ = matrix.f_copy_(base);
                     }
                 }
             });
@@ -208,47 +212,28 @@ impl LoraFuser {
     }
 }
 
-/// `f32(W₀) + Σ up @ (weight · scale · down)`, in order, on `W₀`'s device: one GEMM with
-/// accumulation (`addmm`) per LoRA, the scale folded into the small down factor.
-fn fused(base: &Tensor, modules: &[(&LoraModule, f64)]) -> Result<Tensor, tch::TchError> {
-    let device = base.device();
-    let shape = base.size();
+/// `[1, out, in·kh·kw]` for a weight of shape `[out, in, kh, kw]` (or `[out, in]`).
+fn matrix_shape(shape: &[i64]) -> [i64; 3] {
     let rows = shape.first().copied().unwrap_or(1);
-    let base = base.f_reshape([rows, -1])?;
+    let cols = shape.iter().skip(1).product::<i64>();
+    [1, rows, cols]
+}
+
+/// `W₀ + Σ scaleᵢ · upᵢ @ downᵢ` for a pristine `[1, out, in]` weight, one fused
+/// multiply-add per LoRA in the weight's dtype (the matrix product accumulates in f32 on the GPU
+/// and in the CPU's BLAS, and each result is rounded once).
+fn fused(base: &Tensor, modules: &[(&LoraModule, f64)]) -> Result<Tensor, tch::TchError> {
     let mut sum: Option<Tensor> = None;
     for &(module, weight) in modules {
-        let up = module
-            .up()
-            .f_to_device(device)?
-            .f_to_kind(Kind::Float)?
-            .f_flatten(1, -1)?;
-        let mut down = module
-            .down()
-            .f_to_device(device)?
-            .f_to_kind(Kind::Float)?
-            .f_flatten(1, -1)?;
+        let (up, down) = module.matrices();
         let scale = module.scale(weight);
-        if scale != 1.0 {
-            down = down.f_mul_scalar(scale)?;
-        }
-        sum = Some(match sum {
-            // An f32 `W₀` is its own `to_kind`: accumulate out of place, never into it.
-            None if base.kind() == Kind::Float => base.f_addmm(&up, &down)?,
-            None => {
-                let mut sum = base.f_to_kind(Kind::Float)?;
-                let _ = sum.f_addmm_(&up, &down)?;
-                sum
-            }
-            Some(mut sum) => {
-                let _ = sum.f_addmm_(&up, &down)?;
-                sum
-            }
-        });
+        let next = sum
+            .as_ref()
+            .unwrap_or(base)
+            .f_baddbmm(up, down, 1.0, scale)?;
+        sum = Some(next);
     }
-    match sum {
-        Some(sum) => sum.f_reshape(shape.as_slice()),
-        None => base.f_to_kind(Kind::Float)?.f_reshape(shape.as_slice()),
-    }
+    Ok(sum.unwrap_or_else(|| base.shallow_clone()))
 }
 
 /// Waits for the GPU work of a switch, so its time is measured and its errors surface here.

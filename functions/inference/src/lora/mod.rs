@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use safetensors::tensor::TensorView;
-use tch::{Device, Tensor, nn};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::loader::single_file::UNET_PREFIX;
 use crate::loader::{Component, MappedFile, ModelError, kind_of};
@@ -323,6 +323,7 @@ struct ComponentTarget {
 pub struct LoraTarget {
     components: Vec<(Component, ComponentTarget)>,
     device: Device,
+    kind: Kind,
     fingerprint: u64,
     /// Why SGM UNet names cannot be resolved (the UNet config has no single-file mapping).
     sgm_unavailable: Option<String>,
@@ -352,6 +353,7 @@ impl LoraTarget {
     ) -> Self {
         let mut components = Vec::new();
         let mut device = Device::Cpu;
+        let mut kind = Kind::Float;
         let mut sgm_unavailable = None;
         let mut hasher = DefaultHasher::new();
         for &(component, vs) in stores {
@@ -359,6 +361,7 @@ impl LoraTarget {
                 continue;
             }
             device = vs.device();
+            kind = vs.kind();
             let mut parameters = HashMap::new();
             let mut flat = HashMap::new();
             let rules = match component {
@@ -403,10 +406,11 @@ impl LoraTarget {
             }
             components.push((component, ComponentTarget { parameters, flat }));
         }
-        format!("{device:?}").hash(&mut hasher);
+        format!("{device:?} {kind:?}").hash(&mut hasher);
         LoraTarget {
             components,
             device,
+            kind,
             fingerprint: hasher.finish(),
             sgm_unavailable,
         }
@@ -415,6 +419,11 @@ impl LoraTarget {
     /// The device the model (and LoRAs loaded for it) are on.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The dtype of the model's weights, which LoRA factors are converted to.
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// The shape of `component`'s parameter `name`, if it is adaptable.
@@ -479,6 +488,8 @@ pub struct LoraModule {
     shape: Vec<i64>,
     down: Tensor,
     up: Tensor,
+    /// `down` as `[1, rank, in·kh·kw]` and `up` as `[1, out, rank]` (views).
+    matrices: (Tensor, Tensor),
     rank: i64,
     alpha: f64,
     rslora: bool,
@@ -500,14 +511,20 @@ impl LoraModule {
         &self.shape
     }
 
-    /// The down factor, `(rank, in[, kh, kw])`, in the stored dtype.
+    /// The down factor, `(rank, in[, kh, kw])`, on the model's device in its dtype.
     pub fn down(&self) -> &Tensor {
         &self.down
     }
 
-    /// The up factor, `(out, rank[, 1, 1])`, in the stored dtype.
+    /// The up factor, `(out, rank[, 1, 1])`, on the model's device in its dtype.
     pub fn up(&self) -> &Tensor {
         &self.up
+    }
+
+    /// `(up, down)` as batched matrices, `[1, out, rank]` and `[1, rank, in·kh·kw]`: one
+    /// `baddbmm` adds `scale · up @ down` to a `[1, out, in·kh·kw]` weight.
+    pub(crate) fn matrices(&self) -> (&Tensor, &Tensor) {
+        (&self.matrices.0, &self.matrices.1)
     }
 
     /// The rank.
@@ -540,7 +557,7 @@ impl LoraModule {
 }
 
 /// A LoRA read from a file and resolved against a model ([`LoraTarget`]): per adapted parameter,
-/// its low-rank factors (on the model's device, in the stored dtype) and scale.
+/// its low-rank factors (on the model's device, in its dtype) and scale.
 #[derive(Debug)]
 pub struct LoraWeights {
     path: PathBuf,
@@ -785,6 +802,7 @@ fn copy_factors(
     path: &Path,
     resolved: Vec<Resolved<'_>>,
     device: Device,
+    kind: Kind,
 ) -> Result<Vec<LoraModule>, LoraError> {
     let torch = |source| ModelError::CorruptFile {
         path: path.to_owned(),
@@ -793,17 +811,22 @@ fn copy_factors(
     let mut modules = Vec::with_capacity(resolved.len());
     for r in resolved {
         let down = tensor_of(&r.down)
-            .and_then(|t| t.f_to_device(device))
+            .and_then(|t| t.f_to_device(device)?.f_to_kind(kind))
             .map_err(torch)?;
         let up = tensor_of(&r.up)
-            .and_then(|t| t.f_to_device(device))
+            .and_then(|t| t.f_to_device(device)?.f_to_kind(kind))
             .map_err(torch)?;
+        let matrices = (
+            up.f_view([1, up.size()[0], -1]).map_err(torch)?,
+            down.f_view([1, down.size()[0], -1]).map_err(torch)?,
+        );
         modules.push(LoraModule {
             component: r.component,
             parameter: r.parameter,
             shape: r.shape,
             down,
             up,
+            matrices,
             rank: r.rank,
             alpha: r.alpha,
             rslora: r.rslora,
@@ -867,7 +890,7 @@ impl LoraWeights {
         Ok(LoraWeights {
             path: path.to_owned(),
             format,
-            modules: copy_factors(path, resolved, target.device())?,
+            modules: copy_factors(path, resolved, target.device(), target.kind())?,
             fingerprint: target.fingerprint(),
         })
     }

@@ -5,6 +5,7 @@
 //! The block is the one of "High-Resolution Image Synthesis with Latent Diffusion Models"
 //! (Rombach et al., 2022, <https://arxiv.org/abs/2112.10752>).
 
+use crate::layers;
 use tch::Tensor;
 use tch::nn::{self, Module};
 
@@ -34,10 +35,10 @@ impl Attention {
         let inner = heads * dim_head;
         let kv_dim = cross_attention_dim.unwrap_or(query_dim);
         Ok(Self {
-            to_q: super::linear(&path / "to_q", query_dim, inner, false),
-            to_k: super::linear(&path / "to_k", kv_dim, inner, false),
-            to_v: super::linear(&path / "to_v", kv_dim, inner, false),
-            to_out: super::linear(&path / "to_out" / 0, inner, query_dim, true),
+            to_q: layers::linear(&path / "to_q", query_dim, inner, false),
+            to_k: layers::linear(&path / "to_k", kv_dim, inner, false),
+            to_v: layers::linear(&path / "to_v", kv_dim, inner, false),
+            to_out: layers::linear(&path / "to_out" / 0, inner, query_dim, true),
             heads,
         })
     }
@@ -81,8 +82,8 @@ impl FeedForward {
     pub fn new(path: nn::Path, dim: i64) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj: super::linear(&path / "net" / 0 / "proj", dim, 2 * inner, true),
-            out: super::linear(&path / "net" / 2, inner, dim, true),
+            proj: layers::linear(&path / "net" / 0 / "proj", dim, 2 * inner, true),
+            out: layers::linear(&path / "net" / 2, inner, dim, true),
         })
     }
 
@@ -119,7 +120,7 @@ impl BasicTransformerBlock {
         let eps = 1e-5;
         let cross = match cross_attention_dim {
             Some(context_dim) => Some((
-                super::layer_norm(&path / "norm2", dim, eps),
+                layers::layer_norm(&path / "norm2", dim, eps),
                 Attention::new(
                     &path / "attn2",
                     dim,
@@ -131,7 +132,7 @@ impl BasicTransformerBlock {
             None => None,
         };
         Ok(Self {
-            norm1: super::layer_norm(&path / "norm1", dim, eps),
+            norm1: layers::layer_norm(&path / "norm1", dim, eps),
             attn1: Attention::new(
                 &path / "attn1",
                 dim,
@@ -140,7 +141,7 @@ impl BasicTransformerBlock {
                 attention_head_dim,
             )?,
             cross,
-            norm3: super::layer_norm(&path / "norm3", dim, eps),
+            norm3: layers::layer_norm(&path / "norm3", dim, eps),
             ff: FeedForward::new(&path / "ff", dim)?,
         })
     }
@@ -184,9 +185,9 @@ enum Projection {
 impl Projection {
     fn new(path: nn::Path, linear: bool, in_dim: i64, out_dim: i64) -> Self {
         if linear {
-            Projection::Linear(super::linear(path, in_dim, out_dim, true))
+            Projection::Linear(layers::linear(path, in_dim, out_dim, true))
         } else {
-            Projection::Conv(super::conv2d(path, in_dim, out_dim, 1, 1, 0))
+            Projection::Conv(layers::conv2d(path, in_dim, out_dim, 1, 1, 0))
         }
     }
 }
@@ -219,7 +220,7 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: super::group_norm(&path / "norm", c.norm_num_groups, c.in_channels, 1e-6),
+            norm: layers::group_norm(&path / "norm", c.norm_num_groups, c.in_channels, 1e-6),
             proj_in: Projection::new(
                 &path / "proj_in",
                 c.use_linear_projection,

@@ -3,6 +3,7 @@
 //! "Denoising Diffusion Probabilistic Models" (Ho et al., 2020, <https://arxiv.org/abs/2006.11239>)
 //! followed by a two-layer MLP.
 
+use crate::layers;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -83,9 +84,9 @@ impl TimestepEmbedding {
         act: Activation,
     ) -> Result<Self> {
         Ok(Self {
-            linear_1: super::linear(&path / "linear_1", in_channels, time_embed_dim, true),
+            linear_1: layers::linear(&path / "linear_1", in_channels, time_embed_dim, true),
             act,
-            linear_2: super::linear(&path / "linear_2", time_embed_dim, time_embed_dim, true),
+            linear_2: layers::linear(&path / "linear_2", time_embed_dim, time_embed_dim, true),
         })
     }
 

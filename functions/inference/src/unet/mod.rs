@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
+use crate::layers::{conv2d, group_norm};
 use crate::{EngineError, Result};
 use embeddings::{TimestepEmbedding, Timesteps};
 use unet_2d_blocks::{
@@ -984,66 +985,4 @@ fn invalid_input(message: String) -> EngineError {
 
 fn invalid_input_of(component: &'static str, message: String) -> EngineError {
     EngineError::InvalidInput { component, message }
-}
-
-// Layer builders. Parameters start at zero (a fill, no random generator, no init cost beyond
-// the allocation): the checkpoint provides every value.
-
-fn linear(path: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> nn::Linear {
-    nn::linear(
-        path,
-        in_dim,
-        out_dim,
-        nn::LinearConfig {
-            ws_init: nn::Init::Const(0.0),
-            bs_init: Some(nn::Init::Const(0.0)),
-            bias,
-        },
-    )
-}
-
-pub(crate) fn conv2d(
-    path: nn::Path,
-    in_dim: i64,
-    out_dim: i64,
-    kernel: i64,
-    stride: i64,
-    padding: i64,
-) -> nn::Conv2D {
-    nn::conv2d(
-        path,
-        in_dim,
-        out_dim,
-        kernel,
-        nn::ConvConfig {
-            stride,
-            padding,
-            ws_init: nn::Init::Const(0.0),
-            bs_init: nn::Init::Const(0.0),
-            ..Default::default()
-        },
-    )
-}
-
-fn group_norm(path: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
-    nn::group_norm(
-        path,
-        groups,
-        channels,
-        nn::GroupNormConfig {
-            eps,
-            ..Default::default()
-        },
-    )
-}
-
-fn layer_norm(path: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
-    nn::layer_norm(
-        path,
-        vec![dim],
-        nn::LayerNormConfig {
-            eps,
-            ..Default::default()
-        },
-    )
 }

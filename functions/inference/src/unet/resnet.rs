@@ -2,6 +2,7 @@
 //! (`ResnetBlock2D`), `models/downsampling.py` (`Downsample2D`) and `models/upsampling.py`
 //! (`Upsample2D`).
 
+use crate::layers;
 use tch::Tensor;
 use tch::nn::{self, Module};
 
@@ -57,10 +58,10 @@ impl ResnetBlock2D {
                 ResnetTimeScaleShift::Default => c.out_channels,
                 ResnetTimeScaleShift::ScaleShift => 2 * c.out_channels,
             };
-            super::linear(&path / "time_emb_proj", temb, out, true)
+            layers::linear(&path / "time_emb_proj", temb, out, true)
         });
         let conv_shortcut = (c.in_channels != c.out_channels).then(|| {
-            super::conv2d(
+            layers::conv2d(
                 &path / "conv_shortcut",
                 c.in_channels,
                 c.out_channels,
@@ -70,11 +71,11 @@ impl ResnetBlock2D {
             )
         });
         Ok(Self {
-            norm1: super::group_norm(&path / "norm1", c.groups, c.in_channels, c.eps),
-            conv1: super::conv2d(&path / "conv1", c.in_channels, c.out_channels, 3, 1, 1),
+            norm1: layers::group_norm(&path / "norm1", c.groups, c.in_channels, c.eps),
+            conv1: layers::conv2d(&path / "conv1", c.in_channels, c.out_channels, 3, 1, 1),
             time_emb_proj,
-            norm2: super::group_norm(&path / "norm2", groups_out, c.out_channels, c.eps),
-            conv2: super::conv2d(&path / "conv2", c.out_channels, c.out_channels, 3, 1, 1),
+            norm2: layers::group_norm(&path / "norm2", groups_out, c.out_channels, c.eps),
+            conv2: layers::conv2d(&path / "conv2", c.out_channels, c.out_channels, 3, 1, 1),
             conv_shortcut,
             act: c.act,
             time_embedding_norm: c.time_embedding_norm,
@@ -131,7 +132,7 @@ impl Downsample2D {
     /// padded by one on the right and bottom, as diffusers does.
     pub fn new(path: nn::Path, channels: i64, out_channels: i64, padding: i64) -> Result<Self> {
         Ok(Self {
-            conv: super::conv2d(&path / "conv", channels, out_channels, 3, 2, padding),
+            conv: layers::conv2d(&path / "conv", channels, out_channels, 3, 2, padding),
             pad_right_bottom: padding == 0,
         })
     }
@@ -157,7 +158,7 @@ impl Upsample2D {
     /// Builds the convolution `channels → out_channels`.
     pub fn new(path: nn::Path, channels: i64, out_channels: i64) -> Result<Self> {
         Ok(Self {
-            conv: super::conv2d(&path / "conv", channels, out_channels, 3, 1, 1),
+            conv: layers::conv2d(&path / "conv", channels, out_channels, 3, 1, 1),
         })
     }
 

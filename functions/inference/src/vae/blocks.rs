@@ -10,6 +10,7 @@ use tch::Tensor;
 use tch::nn::{self, Module};
 
 use crate::Result;
+use crate::layers;
 use crate::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D};
 use crate::unet::{Activation, ResnetTimeScaleShift};
 
@@ -17,20 +18,12 @@ use crate::unet::{Activation, ResnetTimeScaleShift};
 const NORM_EPS: f64 = 1e-6;
 
 pub(crate) fn group_norm(path: nn::Path, groups: i64, channels: i64) -> nn::GroupNorm {
-    let config = nn::GroupNormConfig {
-        eps: NORM_EPS,
-        ..Default::default()
-    };
-    nn::group_norm(path, groups, channels, config)
+    layers::group_norm(path, groups, channels, NORM_EPS)
 }
 
 /// A 3×3 convolution with padding 1 (size-preserving at stride 1).
 pub(crate) fn conv3x3(path: nn::Path, in_channels: i64, out_channels: i64) -> nn::Conv2D {
-    let config = nn::ConvConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    nn::conv2d(path, in_channels, out_channels, 3, config)
+    layers::conv2d(path, in_channels, out_channels, 3, 1, 1)
 }
 
 /// `ResnetBlock2D` with `temb_channels=None`, as the VAE builds it (GroupNorm eps 1e-6, SiLU).
@@ -69,18 +62,13 @@ pub(crate) struct SpatialAttention {
 
 impl SpatialAttention {
     pub(crate) fn new(path: nn::Path, channels: i64, groups: i64) -> Self {
-        let linear = |name: &str| nn::linear(&path / name, channels, channels, Default::default());
+        let linear = |name: &str| layers::linear(&path / name, channels, channels, true);
         Self {
             group_norm: group_norm(&path / "group_norm", groups, channels),
             to_q: linear("to_q"),
             to_k: linear("to_k"),
             to_v: linear("to_v"),
-            to_out: nn::linear(
-                &path / "to_out" / "0",
-                channels,
-                channels,
-                Default::default(),
-            ),
+            to_out: layers::linear(&path / "to_out" / "0", channels, channels, true),
         }
     }
 

@@ -31,6 +31,7 @@ use self::decoder::Decoder;
 pub use self::distribution::DiagonalGaussian;
 use self::encoder::Encoder;
 pub use self::image::{image_to_tensor, tensor_to_image};
+use crate::layers;
 use crate::{EngineError, Result};
 
 /// The weights file in a diffusers `vae/` folder.
@@ -77,24 +78,12 @@ impl AutoencoderKL {
             config: config.clone(),
             encoder: Encoder::new(&path / "encoder", config)?,
             decoder: Decoder::new(&path / "decoder", config)?,
-            quant_conv: config.use_quant_conv.then(|| {
-                nn::conv2d(
-                    &path / "quant_conv",
-                    2 * latent,
-                    2 * latent,
-                    1,
-                    Default::default(),
-                )
-            }),
-            post_quant_conv: config.use_post_quant_conv.then(|| {
-                nn::conv2d(
-                    &path / "post_quant_conv",
-                    latent,
-                    latent,
-                    1,
-                    Default::default(),
-                )
-            }),
+            quant_conv: config
+                .use_quant_conv
+                .then(|| layers::conv2d(&path / "quant_conv", 2 * latent, 2 * latent, 1, 1, 0)),
+            post_quant_conv: config
+                .use_post_quant_conv
+                .then(|| layers::conv2d(&path / "post_quant_conv", latent, latent, 1, 1, 0)),
         })
     }
 
