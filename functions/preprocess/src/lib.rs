@@ -17,6 +17,7 @@
 
 pub mod bucket;
 pub mod canny;
+pub mod color;
 pub mod decode;
 pub mod orient;
 pub mod sniff;
