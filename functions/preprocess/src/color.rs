@@ -140,7 +140,10 @@ mod tests {
             match x % 3 {
                 0 => assert!(p.iter().all(|&c| c <= 1), "{p:?}"),
                 1 => assert!(p.iter().all(|&c| c >= 254), "{p:?}"),
-                _ => assert!(p[0] > 205 && p[2] < 80, "P3 orange is more saturated: {p:?}"),
+                _ => assert!(
+                    p[0] > 205 && p[2] < 80,
+                    "P3 orange is more saturated: {p:?}"
+                ),
             }
         }
     }

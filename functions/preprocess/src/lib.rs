@@ -18,8 +18,14 @@
 pub mod bucket;
 pub mod canny;
 pub mod color;
+pub mod config;
 pub mod decode;
+pub mod fetch;
+pub mod handler;
+pub mod job;
+pub mod local;
 pub mod orient;
+pub mod service;
 pub mod sniff;
 
 use darkroom_events::FailureReason;
@@ -124,6 +130,9 @@ pub struct PrepareOptions {
     /// Turn off JPEG decoding at a reduced DCT scale (on by default: used when the
     /// bucket needs at most half the stored resolution).
     pub disable_dct_scaling: bool,
+    /// Frame to this size (upright) instead of the SDXL bucket nearest the upload's aspect
+    /// ratio: a preset's fixed `resolution`.
+    pub size: Option<Bucket>,
 }
 
 /// The pipeline's output.
@@ -160,7 +169,9 @@ pub fn prepare(bytes: &[u8], options: &PrepareOptions) -> Result<Prepared> {
     let source = decode::open(bytes, format, &options.limits)?;
     let header = *source.header();
     let (width, height) = header.oriented_size();
-    let bucket = nearest_bucket(width, height);
+    let bucket = options
+        .size
+        .unwrap_or_else(|| nearest_bucket(width, height));
     // Framing runs before orientation, in the stored frame: a 90° turn swaps the sides.
     let (stored_w, stored_h) = if decode::swaps_axes(header.orientation) {
         (bucket.height, bucket.width)

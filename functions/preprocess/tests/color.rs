@@ -78,9 +78,8 @@ fn inverse(m: &Matrix) -> Matrix {
     let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
         - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
         + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
-    let cof = |r0: usize, r1: usize, c0: usize, c1: usize| {
-        m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0]
-    };
+    let cof =
+        |r0: usize, r1: usize, c0: usize, c1: usize| m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0];
     [
         [cof(1, 2, 1, 2), -cof(0, 2, 1, 2), cof(0, 1, 1, 2)],
         [-cof(1, 2, 0, 2), cof(0, 2, 0, 2), -cof(0, 1, 0, 2)],
@@ -194,7 +193,12 @@ fn display_p3_and_adobe_rgb_pngs_come_out_in_srgb() {
         }
         // A mid-tone really moves, so the test cannot pass by leaving pixels alone.
         let moved = expected_srgb(space, [200, 120, 80]);
-        assert!(moved.iter().zip([200, 120, 80]).any(|(a, b)| a.abs_diff(b) > 8));
+        assert!(
+            moved
+                .iter()
+                .zip([200, 120, 80])
+                .any(|(a, b)| a.abs_diff(b) > 8)
+        );
     }
 }
 
@@ -216,7 +220,11 @@ fn jpeg_and_webp_profiles_are_honoured_too() {
 #[test]
 fn srgb_tagged_and_untagged_images_are_untouched() {
     let photo = RgbImage::from_fn(300, 200, |x, y| {
-        Rgb([(x % 256) as u8, (y % 256) as u8, ((x * 3 + y * 7) % 256) as u8])
+        Rgb([
+            (x % 256) as u8,
+            (y % 256) as u8,
+            ((x * 3 + y * 7) % 256) as u8,
+        ])
     });
     let srgb = ColorProfile::new_srgb().encode().unwrap();
     for codec in [Codec::Png, Codec::Jpeg, Codec::Webp] {
