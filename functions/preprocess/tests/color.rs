@@ -9,7 +9,7 @@
 
 use std::io::Cursor;
 
-use darkroom_preprocess::{PrepareOptions, prepare};
+use darkroom_preprocess::{Bucket, PrepareOptions, prepare};
 use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
 use moxcms::ColorProfile;
 
@@ -140,9 +140,21 @@ fn encode(image: &RgbImage, codec: Codec, icc: Option<&[u8]>) -> Vec<u8> {
     out.into_inner()
 }
 
+/// Pipeline options framing to the fixtures' own size: the colour is what is tested, and
+/// a 1 MP bucket would only make the (debug-build) test slow.
+fn options() -> PrepareOptions {
+    PrepareOptions {
+        size: Some(Bucket {
+            width: 96,
+            height: 64,
+        }),
+        ..PrepareOptions::default()
+    }
+}
+
 /// The centre pixel of the prepared image.
 fn prepared_centre(bytes: &[u8]) -> [u8; 3] {
-    let prepared = prepare(bytes, &PrepareOptions::default()).unwrap();
+    let prepared = prepare(bytes, &options()).unwrap();
     let (w, h) = prepared.image.dimensions();
     prepared.image.get_pixel(w / 2, h / 2).0
 }
@@ -228,12 +240,13 @@ fn srgb_tagged_and_untagged_images_are_untouched() {
     });
     let srgb = ColorProfile::new_srgb().encode().unwrap();
     for codec in [Codec::Png, Codec::Jpeg, Codec::Webp] {
-        let untagged = prepare(&encode(&photo, codec, None), &PrepareOptions::default()).unwrap();
-        let tagged = prepare(
-            &encode(&photo, codec, Some(&srgb)),
-            &PrepareOptions::default(),
-        )
-        .unwrap();
+        let untagged = prepare(&encode(&photo, codec, None), &options()).unwrap();
+        let tagged = prepare(&encode(&photo, codec, Some(&srgb)), &options()).unwrap();
+        assert_eq!(
+            tagged.image.dimensions(),
+            (96, 64),
+            "framed to the size asked for"
+        );
         assert!(untagged.image == tagged.image, "{codec:?}");
     }
     // Untagged PNG pixels are the stored ones: a flat colour survives the resize exactly.
