@@ -158,6 +158,15 @@ struct Stack {
 
 impl Stack {
     async fn start(webhook: Option<&str>) -> Self {
+        // Room for a transient outage to outlast a few deliveries.
+        let topology = Topology {
+            max_deliver: 20,
+            ..Topology::default()
+        };
+        Self::start_with(webhook, topology).await
+    }
+
+    async fn start_with(webhook: Option<&str>, topology: Topology) -> Self {
         let nats = NatsServer::start().await.unwrap();
         let s3 = S3Server::start(webhook).await.unwrap();
         let s3_client = s3.client().await;
@@ -165,11 +174,6 @@ impl Stack {
             .await
             .unwrap();
         let js = nats.jetstream().await.unwrap();
-        // Room for a transient outage to outlast a few deliveries.
-        let topology = Topology {
-            max_deliver: 20,
-            ..Topology::default()
-        };
         topology.ensure(&js).await.unwrap();
         Stack {
             nats,
@@ -494,6 +498,53 @@ async fn a_redelivered_upload_makes_one_job_and_a_half_done_one_completes() {
         "the stream dropped the repeat"
     );
     assert_eq!(stack.lifecycle(job_id, "queued").await.len(), 1);
+    preprocess.stop().await;
+}
+
+#[tokio::test]
+async fn past_the_duplicate_window_the_job_record_stops_a_second_job() {
+    let topology = Topology {
+        duplicate_window: Duration::from_secs(1),
+        ..Topology::default()
+    };
+    let stack = Stack::start_with(None, topology).await;
+    let preprocess = stack.spawn(stack.config()).await;
+    let object = stack.put("inbox/desk-setup/late.jpg", photo_jpeg()).await;
+    stack.announce(&object).await;
+    let job = assert_queued(&stack, &object).await;
+    let written = |stack: &Stack| {
+        let key = job.init_image_key.clone();
+        let s3 = stack.s3_client.clone();
+        async move {
+            let head = s3
+                .head_object()
+                .bucket(BUCKET)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            head.last_modified().copied()
+        }
+    };
+    let first_write = written(&stack).await;
+
+    // JetStream would no longer drop a repeated job: only the record can.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stack.announce(&object).await;
+    wait_for(
+        || stack.consumer_info(),
+        |info| info.delivered.consumer_sequence == 2 && info.num_ack_pending == 0,
+    )
+    .await;
+    assert_eq!(stack.inference_jobs().await.len(), 1);
+    assert_eq!(
+        stack
+            .lifecycle(object.job_id().unwrap(), "queued")
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(written(&stack).await, first_write, "nothing was redone");
     preprocess.stop().await;
 }
 
