@@ -3,7 +3,7 @@
 //! **The image pipeline** is pure functions over bytes and images, one module per step, in
 //! pipeline order:
 //!
-//! 1. [`sniff`]: the real format from magic bytes, against an allow-list;
+//! 1. [`sniff`](mod@sniff): the real format from magic bytes, against an allow-list;
 //! 2. [`decode`]: header-first limits, then a decode to RGB8 (JPEG at a reduced DCT
 //!    scale when the bucket is much smaller), with [`color`] converting an embedded
 //!    non-sRGB colour profile to sRGB;
