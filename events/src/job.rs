@@ -105,8 +105,8 @@ pub struct ControlImage {
     pub key: String,
 }
 
-/// Work for the GPU: one prepared photo and the preset to render it with.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// Work for the GPU: one prepared photo and everything needed to render it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InferenceJob {
     /// The job.
     pub job_id: JobId,
@@ -114,9 +114,9 @@ pub struct InferenceJob {
     pub source: ObjectRef,
     /// Preset name (`profile-warm`, `storybook`, …).
     pub preset: String,
-    /// Key of the prepared init image (`work/<job>/init.png`), in the source bucket.
+    /// Key of the prepared init image (`work/<job>/input.png`), in the source bucket.
     pub init_image_key: String,
-    /// Prepared control maps, one per ControlNet the preset uses.
+    /// Prepared control maps, one per ControlNet kind the preset uses.
     #[serde(default)]
     pub control_images: Vec<ControlImage>,
     /// Output width in pixels (a multiple of 64 in SDXL's resolution buckets).
@@ -127,6 +127,76 @@ pub struct InferenceJob {
     pub seed: u64,
     /// Key prefix results are written under (`outputs/<job>/`).
     pub output_prefix: String,
+    /// The preset resolved to concrete values when the job was made.
+    pub render: RenderParams,
+}
+
+/// How to render a job: its preset resolved to concrete values by preprocess, so the GPU
+/// worker needs no preset files and editing a preset never changes a job already queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RenderParams {
+    /// The prompt, its `{subject}` placeholder already replaced.
+    pub prompt: String,
+    /// The negative prompt (may be empty).
+    #[serde(default)]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance: f64,
+    /// Scheduler: `euler`, `euler-a`, `dpmpp-2m-karras` or `ddim`.
+    pub scheduler: String,
+    /// Image-to-image strength in (0, 1]; absent means text-to-image (the init image then
+    /// only framed the job and fed the control maps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// LoRAs to apply, in order.
+    #[serde(default)]
+    pub loras: Vec<LoraParams>,
+    /// ControlNets to apply; each reads the control image of its `kind`.
+    #[serde(default)]
+    pub controlnets: Vec<ControlNetParams>,
+    /// Colour post-process, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tone: Option<ToneParams>,
+}
+
+/// A LoRA adapter and its scale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct LoraParams {
+    /// File name, resolved under the worker's LoRA directory.
+    pub name: String,
+    /// Scale.
+    pub weight: f64,
+}
+
+/// A ControlNet, its scale and the fraction of the steps it acts in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ControlNetParams {
+    /// Kind of control map it reads (a [`ControlImage::kind`] of the same job).
+    pub kind: String,
+    /// Folder name, resolved under the worker's ControlNet directory.
+    pub model: String,
+    /// Conditioning scale.
+    pub scale: f64,
+    /// Fraction of the steps at which it starts, in [0, end).
+    pub start: f64,
+    /// Fraction of the steps at which it stops, in (start, 1].
+    pub end: f64,
+}
+
+/// Colour temperature and tint in linear light, then an optional LUT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ToneParams {
+    /// Target white point in kelvin (below 6500 warms, above cools).
+    pub temperature_k: f64,
+    /// Green (−) / magenta (+) shift, −1 to 1.
+    pub tint: f64,
+    /// Blend of the toned image over the untoned one, 0–1.
+    pub strength: f64,
+    /// A `.cube` LUT file name, resolved under the worker's LUT directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lut: Option<String>,
 }
 
 impl EventData for InferenceJob {

@@ -21,7 +21,10 @@ pub mod schema;
 pub mod subjects;
 
 pub use cloudevent::{CloudEvent, EventData};
-pub use job::{InferenceJob, JobId, ObjectRef};
+pub use job::{
+    ControlImage, ControlNetParams, InferenceJob, JobId, LoraParams, ObjectRef, RenderParams,
+    ToneParams,
+};
 pub use lifecycle::{
     FailureReason, JobCompleted, JobFailed, JobProgress, JobQueued, JobStarted, LifecycleEvent,
     LifecycleKind, Stage,

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use darkroom_events::job::ControlImage;
+use darkroom_events::job::{ControlImage, ControlNetParams, RenderParams, ToneParams};
 use darkroom_events::{
     CloudEvent, EventData, FailureReason, InferenceJob, JobCompleted, JobFailed, JobId,
     JobProgress, JobQueued, JobStarted, LifecycleEvent, ObjectRef, Stage,
@@ -41,7 +41,7 @@ pub fn inference_job() -> InferenceJob {
         job_id: job,
         source: upload(),
         preset: "profile-warm".to_owned(),
-        init_image_key: format!("work/{job}/init.png"),
+        init_image_key: format!("work/{job}/input.png"),
         control_images: vec![ControlImage {
             kind: "canny".to_owned(),
             key: format!("work/{job}/control-canny.png"),
@@ -50,6 +50,29 @@ pub fn inference_job() -> InferenceJob {
         height: 1216,
         seed: 1_234_567_890_123,
         output_prefix: format!("outputs/{job}/"),
+        render: RenderParams {
+            prompt: "professional studio headshot of the subject of the photo, soft key light"
+                .to_owned(),
+            negative_prompt: "blurry, distorted face".to_owned(),
+            steps: 30,
+            guidance: 5.0,
+            scheduler: "dpmpp-2m-karras".to_owned(),
+            strength: Some(0.55),
+            loras: Vec::new(),
+            controlnets: vec![ControlNetParams {
+                kind: "canny".to_owned(),
+                model: "controlnet-canny-sdxl-1.0".to_owned(),
+                scale: 0.6,
+                start: 0.0,
+                end: 0.8,
+            }],
+            tone: Some(ToneParams {
+                temperature_k: 5200.0,
+                tint: 0.02,
+                strength: 0.8,
+                lut: None,
+            }),
+        },
     }
 }
 

@@ -10,6 +10,9 @@
 //! photo bound for a 1 MP bucket decodes at 1/2 or 1/4 of the cost. PNG and WebP use
 //! the `image` decoders. An animated WebP decodes to its first frame. High-precision
 //! (12/16-bit lossless) JPEG is refused as `DecodeFailed`.
+//!
+//! An embedded ICC profile is read with the header and applied right after decoding
+//! ([`crate::color`]), so every later step sees sRGB pixels.
 
 use std::io::Cursor;
 
@@ -90,6 +93,7 @@ enum Inner<'a> {
 pub struct Source<'a> {
     header: Header,
     limits: Limits,
+    icc_profile: Option<Vec<u8>>,
     inner: Inner<'a>,
 }
 
@@ -113,7 +117,7 @@ pub fn open<'a>(
         format: format.name(),
         message: e.to_string(),
     };
-    let (inner, width, height, orientation) = match format {
+    let (inner, width, height, orientation, icc_profile) = match format {
         SourceFormat::Jpeg => {
             let mut dec = jpeg_decoder::Decoder::new(bytes);
             dec.set_max_decoding_buffer_size(
@@ -127,21 +131,25 @@ pub fn open<'a>(
                 .and_then(Orientation::from_exif_chunk)
                 .unwrap_or(Orientation::NoTransforms);
             let (w, h) = (u32::from(info.width), u32::from(info.height));
-            (Inner::Jpeg(Box::new(dec)), w, h, orientation)
+            // APP2 (ICC) segments precede the frame header too.
+            let icc = dec.icc_profile();
+            (Inner::Jpeg(Box::new(dec)), w, h, orientation, icc)
         }
         SourceFormat::Png => {
             let mut dec = PngDecoder::with_limits(Cursor::new(bytes), image_limits(limits))
                 .map_err(|e| map_image_error(format, e))?;
             let (w, h) = dec.dimensions();
             let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
-            (Inner::Png(Box::new(dec)), w, h, orientation)
+            let icc = dec.icc_profile().ok().flatten();
+            (Inner::Png(Box::new(dec)), w, h, orientation, icc)
         }
         SourceFormat::Webp => {
             let mut dec =
                 WebPDecoder::new(Cursor::new(bytes)).map_err(|e| map_image_error(format, e))?;
             let (w, h) = dec.dimensions();
             let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
-            (Inner::Webp(Box::new(dec)), w, h, orientation)
+            let icc = dec.icc_profile().ok().flatten();
+            (Inner::Webp(Box::new(dec)), w, h, orientation, icc)
         }
     };
     check_size(width, height, limits, format)?;
@@ -153,6 +161,7 @@ pub fn open<'a>(
             orientation,
         },
         limits: limits.clone(),
+        icc_profile,
         inner,
     })
 }
@@ -212,27 +221,46 @@ impl Source<'_> {
         &self.header
     }
 
+    /// The embedded ICC profile, if any.
+    pub fn icc_profile(&self) -> Option<&[u8]> {
+        self.icc_profile.as_deref()
+    }
+
     /// Decodes to RGB8, as stored (EXIF orientation not applied).
     ///
     /// `min_size` (stored orientation) lets a JPEG decode at the smallest DCT scale
     /// (1/8, 1/4, 1/2) that still covers that size on both axes. Alpha is composited
-    /// over white; 16-bit, grey, palette and CMYK sources become RGB8.
+    /// over white; 16-bit, grey, palette and CMYK sources become RGB8. An embedded RGB
+    /// colour profile is converted to sRGB ([`crate::color::to_srgb`]); CMYK JPEGs keep
+    /// their naive conversion whatever profile they carry.
     ///
     /// # Errors
     /// `DecodeFailed` for corrupt or truncated data, `AllocationLimit` when a decoder
     /// would exceed `Limits::max_alloc`.
     pub fn decode(self, min_size: Option<(u32, u32)>) -> Result<RgbImage, PreprocessError> {
         let format = self.header.format;
-        let image = match self.inner {
-            Inner::Jpeg(dec) => return decode_jpeg(*dec, &self.header, min_size),
-            Inner::Png(dec) => DynamicImage::from_decoder(*dec),
+        let (mut image, cmyk) = match self.inner {
+            Inner::Jpeg(dec) => decode_jpeg(*dec, &self.header, min_size)?,
+            Inner::Png(dec) => (
+                to_rgb8(DynamicImage::from_decoder(*dec).map_err(|e| map_image_error(format, e))?),
+                false,
+            ),
             Inner::Webp(mut dec) => {
                 let _ = dec.set_limits(image_limits(&self.limits));
-                DynamicImage::from_decoder(*dec)
+                (
+                    to_rgb8(
+                        DynamicImage::from_decoder(*dec).map_err(|e| map_image_error(format, e))?,
+                    ),
+                    false,
+                )
             }
+        };
+        if let Some(icc) = &self.icc_profile
+            && !cmyk
+        {
+            crate::color::to_srgb(&mut image, icc);
         }
-        .map_err(|e| map_image_error(format, e))?;
-        Ok(to_rgb8(image))
+        Ok(image)
     }
 }
 
@@ -241,11 +269,12 @@ fn dct_scaled(len: u32, scale: u32) -> u32 {
     (len * scale).div_ceil(8)
 }
 
+/// Decodes a JPEG to RGB8; the flag says whether it was stored as CMYK.
 fn decode_jpeg(
     mut dec: jpeg_decoder::Decoder<&[u8]>,
     header: &Header,
     min_size: Option<(u32, u32)>,
-) -> Result<RgbImage, PreprocessError> {
+) -> Result<(RgbImage, bool), PreprocessError> {
     let failed = |e: &dyn std::fmt::Display| PreprocessError::DecodeFailed {
         format: "jpeg",
         message: e.to_string(),
@@ -268,6 +297,7 @@ fn decode_jpeg(
     let info = dec.info().ok_or_else(|| failed(&"no frame header"))?;
     let (ow, oh) = (u32::from(info.width), u32::from(info.height));
     let n = (ow as usize) * (oh as usize);
+    let cmyk = info.pixel_format == jpeg_decoder::PixelFormat::CMYK32;
     let rgb: Vec<u8> = match info.pixel_format {
         jpeg_decoder::PixelFormat::RGB24 => pixels,
         jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&l| [l, l, l]).collect(),
@@ -292,7 +322,9 @@ fn decode_jpeg(
     if rgb.len() != n * 3 {
         return Err(failed(&"decoded buffer has the wrong size"));
     }
-    RgbImage::from_raw(ow, oh, rgb).ok_or_else(|| failed(&"decoded buffer has the wrong size"))
+    let image = RgbImage::from_raw(ow, oh, rgb)
+        .ok_or_else(|| failed(&"decoded buffer has the wrong size"))?;
+    Ok((image, cmyk))
 }
 
 /// Converts any decoded image to RGB8, compositing alpha over white.

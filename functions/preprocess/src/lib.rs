@@ -1,10 +1,12 @@
-//! Darkroom preprocess: an untrusted upload in, a clean SDXL-ready image out.
+//! Darkroom preprocess: an untrusted upload in, a clean SDXL-ready job out.
 //!
-//! Pure functions over bytes and images, one module per step, in pipeline order:
+//! **The image pipeline** is pure functions over bytes and images, one module per step, in
+//! pipeline order:
 //!
-//! 1. [`sniff`]: the real format from magic bytes, against an allow-list;
+//! 1. [`sniff`](mod@sniff): the real format from magic bytes, against an allow-list;
 //! 2. [`decode`]: header-first limits, then a decode to RGB8 (JPEG at a reduced DCT
-//!    scale when the bucket is much smaller);
+//!    scale when the bucket is much smaller), with [`color`] converting an embedded
+//!    non-sRGB colour profile to sRGB;
 //! 3. [`bucket`]: cover-crop and resize to the nearest SDXL bucket;
 //! 4. [`orient`]: EXIF orientation, applied after the downscale;
 //! 5. [`canny`]: the OpenCV-exact canny control map.
@@ -12,13 +14,27 @@
 //! [`prepare`] composes them. Every output is a fresh pixel buffer: nothing of the
 //! upload's metadata (EXIF, GPS, XMP, ICC, text chunks) is carried, and stored
 //! artefacts are PNGs re-encoded from those pixels alone by [`encode_png`], which
-//! writes no ancillary chunks. (Colour profiles are dropped, not converted: an
-//! embedded non-sRGB profile is not honoured yet.)
+//! writes no ancillary chunks.
+//!
+//! **The function** wraps it (the crate's `README.md` has the operator's view):
+//!
+//! - [`fetch`]: HEAD and a capped, streamed GET from S3;
+//! - [`job`]: preset resolution, pipeline options, the files and the `InferenceJob`;
+//! - [`handler`]: the shared `Handler` for S3 upload events (NATS loop and Lambda alike);
+//! - [`service`]: connecting and running it; [`local`]: the same on a local file;
+//! - [`config`]: `PreprocessConfig`, read from `DARKROOM_*` variables.
 
 pub mod bucket;
 pub mod canny;
+pub mod color;
+pub mod config;
 pub mod decode;
+pub mod fetch;
+pub mod handler;
+pub mod job;
+pub mod local;
 pub mod orient;
+pub mod service;
 pub mod sniff;
 
 use darkroom_events::FailureReason;
@@ -123,6 +139,9 @@ pub struct PrepareOptions {
     /// Turn off JPEG decoding at a reduced DCT scale (on by default: used when the
     /// bucket needs at most half the stored resolution).
     pub disable_dct_scaling: bool,
+    /// Frame to this size (upright) instead of the SDXL bucket nearest the upload's aspect
+    /// ratio: a preset's fixed `resolution`.
+    pub size: Option<Bucket>,
 }
 
 /// The pipeline's output.
@@ -159,7 +178,9 @@ pub fn prepare(bytes: &[u8], options: &PrepareOptions) -> Result<Prepared> {
     let source = decode::open(bytes, format, &options.limits)?;
     let header = *source.header();
     let (width, height) = header.oriented_size();
-    let bucket = nearest_bucket(width, height);
+    let bucket = options
+        .size
+        .unwrap_or_else(|| nearest_bucket(width, height));
     // Framing runs before orientation, in the stored frame: a 90° turn swaps the sides.
     let (stored_w, stored_h) = if decode::swaps_axes(header.orientation) {
         (bucket.height, bucket.width)
