@@ -24,6 +24,7 @@ use darkroom_events::{
 use darkroom_shared::preset::{ControlKind, Preset, PresetError, Resolution};
 
 use crate::config::PreprocessConfig;
+use crate::frame::{FaceOptions, PORTRAIT_BUCKET};
 use crate::{Bucket, PrepareOptions, Prepared, PreprocessError, encode_png};
 
 /// Metadata key (`x-amz-meta-preset`) naming the preset, overriding the key's.
@@ -130,12 +131,19 @@ pub fn prepare_options(
         Resolution::Bucket => None,
         Resolution::Fixed { width, height } => Some(Bucket { width, height }),
     };
-    // Face framing (`preset.face`, issue #5 point 4) plugs in here: `prepare` does not
-    // frame faces yet, so a face preset is prepared like any other until it does.
+    // Portrait presets: the face framed in the preset's fixed size, else the portrait bucket.
+    // SeetaFace gives no eye landmarks, so `eyes_level` has nothing to act on (see `frame`).
+    let face = preset.face.as_ref().map(|framing| FaceOptions {
+        required: framing.required,
+        head_ratio: framing.head_ratio,
+        bucket: size.unwrap_or(PORTRAIT_BUCKET),
+        ..FaceOptions::default()
+    });
     Ok(PrepareOptions {
         limits: config.limits(),
         canny,
         size,
+        face,
         ..PrepareOptions::default()
     })
 }
@@ -388,6 +396,19 @@ mod tests {
     }
 
     #[test]
+    fn portrait_presets_frame_the_face_and_others_do_not() {
+        let library = PresetLibrary::builtin().unwrap();
+        let config = PreprocessConfig::default();
+        let warm = prepare_options(library.get("profile-warm").unwrap(), &config).unwrap();
+        let face = warm.face.expect("profile-warm has a [face] table");
+        assert!(face.required);
+        assert_eq!(face.head_ratio, 0.4);
+        assert_eq!(face.bucket, PORTRAIT_BUCKET);
+        let desk = prepare_options(library.get("desk-setup").unwrap(), &config).unwrap();
+        assert!(desk.face.is_none());
+    }
+
+    #[test]
     fn the_job_points_at_its_files_and_carries_the_preset() {
         let library = PresetLibrary::builtin().unwrap();
         let preset = library.get("profile-warm").unwrap();
@@ -396,7 +417,9 @@ mod tests {
         });
         let mut png = std::io::Cursor::new(Vec::new());
         image.write_to(&mut png, image::ImageFormat::Png).unwrap();
-        let options = prepare_options(preset, &PreprocessConfig::default()).unwrap();
+        let mut options = prepare_options(preset, &PreprocessConfig::default()).unwrap();
+        // The synthetic picture has no face: framing is tested on photos in tests/face.rs.
+        options.face = None;
         let prepared = crate::prepare(png.get_ref(), &options).unwrap();
         let job_id = JobId::for_object("photos", "inbox/profile-warm/me.png", "abc");
         let source = ObjectRef::new("photos", "inbox/profile-warm/me.png");

@@ -11,6 +11,28 @@
 //! 4. [`orient`]: EXIF orientation, applied after the downscale;
 //! 5. [`canny`]: the OpenCV-exact canny control map.
 //!
+//! For presets with a face ([`PrepareOptions::face`]), step 3 is replaced by
+//! [`face`] and [`frame`]:
+//!
+//! - **Detect**: the SeetaFace frontal detector (pure Rust via `rustface`, BSD-2
+//!   model committed under `models/`, SHA-256 checked before parsing) scans a small
+//!   greyscale copy turned upright; boxes come back in pixels of the upright original.
+//!   Faces under [`face::DetectorConfig::min_face_ratio`] of the shorter side or under
+//!   the score threshold do not count.
+//! - **Decide**: exactly one face is framed. None fails with [`PreprocessError::NoFace`]
+//!   (`no_face_found`) and several with [`PreprocessError::MultipleFaces`]
+//!   (`multiple_faces`) when the preset requires a face; otherwise the plain bucket
+//!   crop is used.
+//! - **Frame**: the face centred horizontally, its centre at 40 % of the height, its
+//!   box `head_ratio` of the height, in the 896×1152 portrait bucket (7:9, the
+//!   passport aspect); shrunk or shifted to stay inside the image, and
+//!   [`Prepared::face`] says so. No eye-line turn: the detector gives no landmarks.
+//! - **Resolution**: a JPEG is decoded at the DCT scale detection needs, and again
+//!   at a larger one only when the crop needs more pixels than that.
+//!
+//! The canny map is computed on the framed output. Without face options the detector
+//! is never run and nothing above costs anything.
+//!
 //! [`prepare`] composes them. Every output is a fresh pixel buffer: nothing of the
 //! upload's metadata (EXIF, GPS, XMP, ICC, text chunks) is carried, and stored
 //! artefacts are PNGs re-encoded from those pixels alone by [`encode_png`], which
@@ -29,7 +51,9 @@ pub mod canny;
 pub mod color;
 pub mod config;
 pub mod decode;
+pub mod face;
 pub mod fetch;
+pub mod frame;
 pub mod handler;
 pub mod job;
 pub mod local;
@@ -43,6 +67,8 @@ use image::RgbImage;
 pub use bucket::{Bucket, SDXL_BUCKETS, fit_to_bucket, nearest_bucket};
 pub use canny::CannyOptions;
 pub use decode::{Header, Limits};
+pub use face::{DetectorConfig, FaceBox, FaceDetector};
+pub use frame::{FaceOptions, FaceReport, Framing, PORTRAIT_BUCKET};
 pub use image::metadata::Orientation;
 pub use sniff::{SourceFormat, sniff};
 
@@ -98,6 +124,27 @@ pub enum PreprocessError {
         /// The decoder's account.
         message: String,
     },
+    /// The preset needs a face and the detector found none.
+    #[error("no face found")]
+    NoFace,
+    /// The preset needs exactly one face and the detector found several.
+    #[error("{count} faces found, the preset needs exactly one")]
+    MultipleFaces {
+        /// How many.
+        count: usize,
+    },
+    /// The face detection model is missing or not the expected file.
+    #[error("face model: {message}")]
+    Model {
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Options out of range (an operator's or preset's mistake, not the upload's).
+    #[error("invalid options: {message}")]
+    InvalidConfig {
+        /// Which option and why.
+        message: String,
+    },
     /// A bug or an impossible condition.
     #[error("internal error: {message}")]
     Internal {
@@ -116,7 +163,10 @@ impl PreprocessError {
             | Self::AllocationLimit { .. } => FailureReason::LimitExceeded,
             Self::UnsupportedFormat { .. } => FailureReason::UnsupportedFormat,
             Self::DecodeFailed { .. } => FailureReason::DecodeFailed,
-            Self::Internal { .. } => FailureReason::Internal,
+            Self::NoFace => FailureReason::NoFaceFound,
+            Self::MultipleFaces { .. } => FailureReason::MultipleFaces,
+            Self::Model { .. } => FailureReason::ModelError,
+            Self::InvalidConfig { .. } | Self::Internal { .. } => FailureReason::Internal,
         }
     }
 
@@ -142,6 +192,9 @@ pub struct PrepareOptions {
     /// Frame to this size (upright) instead of the SDXL bucket nearest the upload's aspect
     /// ratio: a preset's fixed `resolution`.
     pub size: Option<Bucket>,
+    /// Detect faces and frame the one face ([`frame`]); `None` (the default) for
+    /// presets without a `[face]` table: no detection at all.
+    pub face: Option<FaceOptions>,
 }
 
 /// The pipeline's output.
@@ -161,9 +214,13 @@ pub struct Prepared {
     pub orientation: Orientation,
     /// The bucket the image was framed to.
     pub bucket: Bucket,
+    /// What face detection found and where the face went; `None` when
+    /// [`PrepareOptions::face`] was not set.
+    pub face: Option<FaceReport>,
 }
 
-/// Sniff → header limits → decode (DCT-scaled) → frame to bucket → orient → canny.
+/// Sniff → header limits → decode (DCT-scaled) → frame to bucket (or, with
+/// [`PrepareOptions::face`], detect and frame the face) → orient → canny.
 ///
 /// # Errors
 /// Any [`PreprocessError`]; all are permanent.
@@ -178,6 +235,37 @@ pub fn prepare(bytes: &[u8], options: &PrepareOptions) -> Result<Prepared> {
     let source = decode::open(bytes, format, &options.limits)?;
     let header = *source.header();
     let (width, height) = header.oriented_size();
+    let mut face = None;
+    let source = match &options.face {
+        None => source,
+        Some(face_options) => match frame::portrait(
+            bytes,
+            source,
+            face_options,
+            &options.limits,
+            options.disable_dct_scaling,
+        )? {
+            frame::Portrait::Framed { image, report } => {
+                let canny = options.canny.map(|c| canny::canny(&image, &c));
+                return Ok(Prepared {
+                    image,
+                    canny,
+                    source_format: format,
+                    original_width: width,
+                    original_height: height,
+                    orientation: header.orientation,
+                    bucket: face_options.bucket,
+                    face: Some(report),
+                });
+            }
+            // Not required and not exactly one face: the plain crop, decoded afresh
+            // at the scale it needs.
+            frame::Portrait::NotFramed { report } => {
+                face = Some(report);
+                decode::open(bytes, format, &options.limits)?
+            }
+        },
+    };
     let bucket = options
         .size
         .unwrap_or_else(|| nearest_bucket(width, height));
@@ -210,6 +298,7 @@ pub fn prepare(bytes: &[u8], options: &PrepareOptions) -> Result<Prepared> {
         original_height: height,
         orientation: header.orientation,
         bucket,
+        face,
     })
 }
 
