@@ -302,7 +302,7 @@ def run(args) -> None:
         t0 = time.perf_counter()
         images = pipe(
             prompt=args.prompt,
-            negative_prompt="",
+            negative_prompt=None,  # SDXL zeroes it (force_zeros_for_empty_prompt), as Darkroom does
             width=args.width,
             height=args.height,
             num_inference_steps=args.steps,
