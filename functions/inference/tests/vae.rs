@@ -114,7 +114,7 @@ fn matches_diffusers(variant: &str) {
 
     // latent_dist.sample(torch.Generator().manual_seed(1234)): the same normal draw.
     tch::manual_seed(SAMPLE_SEED);
-    let noise = distribution.draw_noise();
+    let noise = distribution.draw_noise(tch::Kind::Float);
     assert!(
         noise.equal(&reference["noise"]),
         "{variant}: noise draw differs"

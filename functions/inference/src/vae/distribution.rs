@@ -3,7 +3,7 @@
 //! Upstream: `DiagonalGaussianDistribution` in `diffusers/models/autoencoders/vae.py`
 //! (Kingma & Welling, "Auto-Encoding Variational Bayes", <https://arxiv.org/abs/1312.6114>).
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::{EngineError, Result};
 
@@ -80,14 +80,15 @@ impl DiagonalGaussian {
     }
 
     /// Standard normal noise for [`DiagonalGaussian::sample`], drawn from libtorch's default CPU
-    /// generator in the parameters' kind and moved to their device.
+    /// generator in `kind` and moved to the parameters' device.
     ///
     /// This is the draw `latent_dist.sample(generator)` makes with a CPU `torch.Generator`
     /// (`randn_tensor(mean.shape, generator, dtype=parameters.dtype)`): after
     /// `tch::manual_seed(s)` it equals torch's draw after `generator.manual_seed(s)`, provided
-    /// nothing else draws from the default generator in between.
-    pub fn draw_noise(&self) -> Tensor {
-        Tensor::randn(self.mean.size(), (self.mean.kind(), Device::Cpu))
-            .to_device(self.mean.device())
+    /// nothing else draws from the default generator in between. The kind matters: libtorch
+    /// draws different numbers for different dtypes, so `kind` must be the dtype diffusers'
+    /// VAE has while encoding (see [`super::AutoencoderKL::latents_from_image`]).
+    pub fn draw_noise(&self, kind: Kind) -> Tensor {
+        Tensor::randn(self.mean.size(), (kind, Device::Cpu)).to_device(self.mean.device())
     }
 }

@@ -189,7 +189,16 @@ impl AutoencoderKL {
         let z = match sample {
             LatentSample::Mode => distribution.mode(),
             LatentSample::Noise(noise) => distribution.sample(noise)?,
-            LatentSample::DefaultGenerator => distribution.sample(&distribution.draw_noise())?,
+            LatentSample::DefaultGenerator => {
+                // diffusers' SDXL img2img encodes in f32 whenever the VAE asks for upcasting
+                // (whatever the pipeline's dtype) and draws the sample's noise in that dtype.
+                let draw_kind = if self.config.force_upcast {
+                    Kind::Float
+                } else {
+                    distribution.mean().kind()
+                };
+                distribution.sample(&distribution.draw_noise(draw_kind))?
+            }
         };
         Ok(self.scale_latents(&z.to_kind(denoiser_kind)))
     }
