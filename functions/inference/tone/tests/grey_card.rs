@@ -260,7 +260,7 @@ fn out_of_range_settings_are_refused_with_their_field() {
 fn python() -> PathBuf {
     match std::env::var_os("VIRTUAL_ENV") {
         Some(venv) => PathBuf::from(venv).join("bin/python"),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../.venv/bin/python"),
     }
 }
 
