@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use darkroom_events::s3::{S3Message, parse_s3_message};
 use darkroom_events::subjects;
+use darkroom_events::{CloudEvent, JobFailed, JobQueued};
 use darkroom_shared::RuntimeConfig;
 use darkroom_shared::topology::Topology;
 use futures::StreamExt;
@@ -40,22 +41,39 @@ pub struct DemoOptions {
 }
 
 /// Uploads one photo to the inbox and follows it through the pipeline as far as it is built:
-/// today, onto the uploads stream as an S3 event record with its job id.
+/// today, through preprocess to a queued inference job (or its `failed` event).
 pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Result<()> {
     provision(config).await?;
     let nats = darkroom_shared::nats::connect(config, "darkroom-dev").await?;
-    // Subscribe before uploading so the record cannot slip past.
+    // Subscribe before uploading so nothing can slip past.
     let mut uploads = nats
         .subscribe(subjects::uploads_subject(&config.bucket))
         .await
         .context("subscribe to the uploads subject")?;
+    let mut events = nats
+        .subscribe(subjects::EVENTS_SUBJECTS)
+        .await
+        .context("subscribe to the lifecycle events")?;
 
-    let body = match &options.photo {
-        Some(path) => std::fs::read(path).with_context(|| format!("read {}", path.display()))?,
-        None => demo_photo()?,
+    let (body, extension, content_type) = match &options.photo {
+        Some(path) => {
+            let body = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+            let extension = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("jpg")
+                .to_ascii_lowercase();
+            let content_type = match extension.as_str() {
+                "png" => "image/png",
+                "webp" => "image/webp",
+                _ => "image/jpeg",
+            };
+            (body, extension, content_type)
+        }
+        None => (demo_photo()?, "jpg".to_owned(), "image/jpeg"),
     };
     let key = format!(
-        "inbox/{}/demo-{}.jpg",
+        "inbox/{}/demo-{}.{extension}",
         options.preset,
         chrono::Utc::now().format("%Y%m%dT%H%M%S%.3f")
     );
@@ -64,7 +82,7 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
         .put_object()
         .bucket(&config.bucket)
         .key(&key)
-        .content_type("image/jpeg")
+        .content_type(content_type)
         .body(body.into())
         .send()
         .await
@@ -77,7 +95,7 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
     );
 
     let deadline = tokio::time::Instant::now() + options.timeout;
-    loop {
+    let job = loop {
         let message = tokio::time::timeout_at(deadline, uploads.next())
             .await
             .ok()
@@ -92,23 +110,63 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
         let Ok(S3Message::Records(records)) = parse_s3_message(&message.payload) else {
             continue;
         };
-        for record in records {
-            let object = record.object_ref()?;
-            if object.key != key {
-                continue;
+        let Some(record) = records
+            .into_iter()
+            .find(|r| r.object_ref().is_ok_and(|o| o.key == key))
+        else {
+            continue;
+        };
+        let job = record
+            .object_ref()?
+            .job_id()
+            .context("the record carries no ETag, so no job id")?;
+        println!(
+            "event     {} on {} from {}",
+            record.event_name, message.subject, record.event_source
+        );
+        println!("job       {job}");
+        break job;
+    };
+
+    let prefix = format!("darkroom.events.{job}.");
+    loop {
+        let message = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .ok()
+            .flatten();
+        let Some(message) = message else {
+            bail!(
+                "no queued or failed event for job {job} within {:?}: is darkroom-preprocess running? (local-dev/stack status)",
+                options.timeout
+            );
+        };
+        let Some(kind) = message.subject.as_str().strip_prefix(&prefix) else {
+            continue;
+        };
+        match kind {
+            "queued" => {
+                let event: CloudEvent<JobQueued> = serde_json::from_slice(&message.payload)
+                    .context("parse the queued event")?;
+                println!(
+                    "queued    preset {} on {}: s3://{}/work/{job}/ holds the framed input and its control maps",
+                    event.data.preset, message.subject, config.bucket
+                );
+                println!(
+                    "pipeline  the inference worker is not built yet (issue #6), so the demo stops at the queued job"
+                );
+                return Ok(());
             }
-            let job = object
-                .job_id()
-                .context("the record carries no ETag, so no job id")?;
-            println!(
-                "event     {} on {} from {}",
-                record.event_name, message.subject, record.event_source
-            );
-            println!("job       {job}");
-            println!(
-                "pipeline  the upload is on the uploads stream; preprocess and inference are not built yet, so the demo stops here"
-            );
-            return Ok(());
+            "failed" => {
+                let event: CloudEvent<JobFailed> = serde_json::from_slice(&message.payload)
+                    .context("parse the failed event")?;
+                bail!(
+                    "job {job} failed at {:?}: {:?}, {}",
+                    event.data.stage,
+                    event.data.reason,
+                    event.data.message
+                );
+            }
+            _ => continue,
         }
     }
 }

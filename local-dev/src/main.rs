@@ -21,7 +21,8 @@ enum Command {
     Provision,
     /// Upload one photo and follow it through the pipeline.
     Demo {
-        /// JPEG to upload (default: a generated test photo).
+        /// Photo to upload, JPEG, PNG or WebP (default: a generated test photo, which has no
+        /// face: use it with a preset without `[face]`, e.g. `--preset desk-setup`).
         #[arg(long)]
         photo: Option<PathBuf>,
         /// Preset to render with (the inbox folder it is uploaded to).
