@@ -99,6 +99,17 @@ pub fn cover_crop(width: u32, height: u32, out_w: u32, out_h: u32) -> (f64, f64,
     ((w - cw) / 2.0, (h - ch) / 2.0, cw, ch)
 }
 
+/// The smallest whole-image size (same aspect as `width`×`height`, sides rounded up)
+/// whose [`cover_crop`] still has `out_w`×`out_h` pixels or more: what a decoder that
+/// can downscale on load (JPEG DCT scaling) must at least deliver.
+pub fn cover_min_size(width: u32, height: u32, out_w: u32, out_h: u32) -> (u32, u32) {
+    let (_, _, crop_w, crop_h) = cover_crop(width, height, out_w, out_h);
+    let scale = (f64::from(out_w) / crop_w).max(f64::from(out_h) / crop_h);
+    // Less a hair, so that an exact fit computed as 896.0000000000001 stays 896.
+    let need = |side: u32| (f64::from(side) * scale - 1e-6).ceil() as u32;
+    (need(width), need(height))
+}
+
 /// Cover-crops `image` around its centre and resizes it to exactly `width`×`height`
 /// with Lanczos3.
 ///
@@ -189,6 +200,14 @@ mod tests {
         assert_eq!((l, t, w, h), (500.0, 0.0, 3000.0, 3000.0));
         let (l, t, w, h) = cover_crop(1000, 2000, 1000, 1000);
         assert_eq!((l, t, w, h), (0.0, 500.0, 1000.0, 1000.0));
+    }
+
+    #[test]
+    fn cover_min_size_is_the_least_that_still_covers() {
+        assert_eq!(cover_min_size(4000, 3000, 1152, 896), (1195, 896));
+        assert_eq!(cover_min_size(2304, 1792, 1152, 896), (1152, 896));
+        assert_eq!(cover_min_size(3000, 4000, 1152, 896), (1152, 1536));
+        assert_eq!(cover_min_size(1000, 1000, 1024, 1024), (1024, 1024));
     }
 
     #[test]

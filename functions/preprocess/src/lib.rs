@@ -64,7 +64,7 @@ pub mod sniff;
 use darkroom_events::FailureReason;
 use image::RgbImage;
 
-pub use bucket::{Bucket, SDXL_BUCKETS, fit_to_bucket, nearest_bucket};
+pub use bucket::{Bucket, SDXL_BUCKETS, cover_min_size, fit_to_bucket, nearest_bucket};
 pub use canny::CannyOptions;
 pub use decode::{Header, Limits};
 pub use face::{DetectorConfig, FaceBox, FaceDetector};
@@ -278,12 +278,13 @@ pub fn prepare(bytes: &[u8], options: &PrepareOptions) -> Result<Prepared> {
     let min_size = if options.disable_dct_scaling {
         None
     } else {
-        let (_, _, crop_w, crop_h) =
-            bucket::cover_crop(header.width, header.height, stored_w, stored_h);
-        let scale = (f64::from(stored_w) / crop_w).max(f64::from(stored_h) / crop_h);
         // The whole decoded image must cover the bucket after the cover-crop.
-        let need = |side: u32| (f64::from(side) * scale).ceil() as u32;
-        Some((need(header.width), need(header.height)))
+        Some(bucket::cover_min_size(
+            header.width,
+            header.height,
+            stored_w,
+            stored_h,
+        ))
     };
     let decoded = source.decode(min_size)?;
     let framed = bucket::fit_to_size(&decoded, stored_w, stored_h)?;
