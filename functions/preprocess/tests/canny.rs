@@ -1,8 +1,7 @@
 //! The canny control map against OpenCV itself (`tests/reference_canny.py`, run with
 //! the venv's Python: `$VIRTUAL_ENV/bin/python`, else `python3`, with `cv2`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use darkroom_preprocess::canny::{CannyOptions, canny_gray, rgb_to_gray};
 use image::{GrayImage, Rgb, RgbImage};
@@ -118,13 +117,6 @@ fn fixtures() -> Vec<(&'static str, RgbImage)> {
     out
 }
 
-fn python() -> PathBuf {
-    std::env::var_os("VIRTUAL_ENV")
-        .map(|v| Path::new(&v).join("bin/python"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from("python3"))
-}
-
 /// Differing pixels (compares raw data: `ImageBuffer`'s `==` also compares colour
 /// space metadata, and a huge `Debug` dump helps nobody).
 fn count_diff(a: &GrayImage, b: &GrayImage) -> usize {
@@ -152,17 +144,8 @@ fn canny_matches_opencv_exactly() {
             .expect("write fixture");
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference_canny.py");
-    let output = Command::new(python())
-        .arg(&script)
-        .arg(dir.path())
-        .output()
-        .expect("run the OpenCV reference (needs python with cv2 — set VIRTUAL_ENV)");
-    assert!(
-        output.status.success(),
-        "reference failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    eprintln!("OpenCV {}", String::from_utf8_lossy(&output.stdout).trim());
+    let stdout = darkroom_test_support::run_script(&script, [dir.path()]);
+    eprintln!("OpenCV {}", String::from_utf8_lossy(&stdout).trim());
 
     let (mut total, mut differing) = (0usize, 0usize);
     for (name, image) in &fixtures {

@@ -9,7 +9,7 @@
 //!   found in the cargo registry through `cargo metadata`.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -24,21 +24,8 @@ fn astronaut_dir() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let python = std::env::var_os("VIRTUAL_ENV")
-            .map(|v| Path::new(&v).join("bin/python"))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| PathBuf::from("python3"));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/face_fixtures.py");
-        let out = Command::new(python)
-            .arg(&script)
-            .arg(dir.path())
-            .output()
-            .expect("run face_fixtures.py (needs scikit-image and Pillow: set VIRTUAL_ENV)");
-        assert!(
-            out.status.success(),
-            "face_fixtures.py failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        darkroom_test_support::run_script(&script, [dir.path()]);
         dir
     })
     .path()

@@ -3,8 +3,7 @@
 //! cannot write: EXIF orientation and GPS, CMYK JPEG, palette PNG, animated WebP).
 
 use std::io::Cursor;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::OnceLock;
 
 use darkroom_events::FailureReason;
@@ -45,21 +44,8 @@ fn pillow_fixtures() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let python = std::env::var_os("VIRTUAL_ENV")
-            .map(|v| Path::new(&v).join("bin/python"))
-            .filter(|p| p.exists())
-            .unwrap_or_else(|| PathBuf::from("python3"));
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/make_fixtures.py");
-        let out = Command::new(python)
-            .arg(script)
-            .arg(dir.path())
-            .output()
-            .expect("run make_fixtures.py (needs Python with Pillow: set VIRTUAL_ENV)");
-        assert!(
-            out.status.success(),
-            "make_fixtures.py: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        darkroom_test_support::run_script(&script, [dir.path()]);
         dir
     })
     .path()

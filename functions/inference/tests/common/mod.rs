@@ -5,7 +5,6 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
 static GENERATING: Mutex<()> = Mutex::new(());
@@ -13,14 +12,6 @@ static GENERATING: Mutex<()> = Mutex::new(());
 /// The crate's folder.
 pub fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The Python of the venv `local-dev/install` made (or the one `VIRTUAL_ENV` names).
-pub fn python() -> PathBuf {
-    if let Some(venv) = std::env::var_os("VIRTUAL_ENV") {
-        return PathBuf::from(venv).join("bin/python");
-    }
-    crate_dir().join("../../.venv/bin/python")
 }
 
 /// Runs `reference/<script>.py --out DIR ARGS…` unless its output is cached; returns DIR.
@@ -33,6 +24,8 @@ pub fn fixture(script: &str, args: &[&str]) -> PathBuf {
         .unwrap_or_else(|e| panic!("list {}: {e}", reference.display()))
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "py"))
+        // The benchmark's script makes no fixture and no fixture script imports it.
+        .filter(|path| !path.ends_with("bench_diffusers.py"))
         .collect();
     scripts.sort();
     for path in &scripts {
@@ -56,24 +49,10 @@ pub fn fixture(script: &str, args: &[&str]) -> PathBuf {
     // Generate into a scratch folder and rename, so other test binaries never see half a fixture.
     let scratch = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
-    let output = Command::new(python())
-        .arg(reference.join(format!("{script}.py")))
-        .arg("--out")
-        .arg(&scratch)
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "run {} (did local-dev/install run?): {e}",
-                python().display()
-            )
-        });
-    assert!(
-        output.status.success(),
-        "reference/{script}.py failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let script_path = reference.join(format!("{script}.py"));
+    let mut script_args = vec![std::ffi::OsString::from("--out"), scratch.clone().into()];
+    script_args.extend(args.iter().map(std::ffi::OsString::from));
+    darkroom_test_support::run_script(&script_path, &script_args);
     std::fs::write(scratch.join(".done"), b"").unwrap();
     if std::fs::rename(&scratch, &dir).is_err() {
         // Another test binary finished the same fixture first.

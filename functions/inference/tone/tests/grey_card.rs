@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use darkroom_tone::{ToneError, ToneGrade, ToneSettings};
 use image::{Rgb, RgbImage};
@@ -255,33 +254,11 @@ fn out_of_range_settings_are_refused_with_their_field() {
     }
 }
 
-/// The Python of the project's venv (`VIRTUAL_ENV`, as `local-dev/env.sh` sets it, else the
-/// repository's `.venv`).
-fn python() -> PathBuf {
-    match std::env::var_os("VIRTUAL_ENV") {
-        Some(venv) => PathBuf::from(venv).join("bin/python"),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../.venv/bin/python"),
-    }
-}
-
 #[test]
 fn grades_match_the_float64_reference() {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("reference/tone.py");
-    let output = Command::new(python())
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "run {} (did local-dev/install run?): {e}",
-                python().display()
-            )
-        });
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let reference: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let stdout = darkroom_test_support::run_script(&script, std::iter::empty::<&str>());
+    let reference: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let number = |value: &serde_json::Value| value.as_f64().unwrap();
     let triple = |value: &serde_json::Value| {
         let items = value.as_array().unwrap();
