@@ -145,8 +145,8 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
         };
         match kind {
             "queued" => {
-                let event: CloudEvent<JobQueued> = serde_json::from_slice(&message.payload)
-                    .context("parse the queued event")?;
+                let event: CloudEvent<JobQueued> =
+                    serde_json::from_slice(&message.payload).context("parse the queued event")?;
                 println!(
                     "queued    preset {} on {}: s3://{}/work/{job}/ holds the framed input and its control maps",
                     event.data.preset, message.subject, config.bucket
@@ -157,8 +157,8 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
                 return Ok(());
             }
             "failed" => {
-                let event: CloudEvent<JobFailed> = serde_json::from_slice(&message.payload)
-                    .context("parse the failed event")?;
+                let event: CloudEvent<JobFailed> =
+                    serde_json::from_slice(&message.payload).context("parse the failed event")?;
                 bail!(
                     "job {job} failed at {:?}: {:?}, {}",
                     event.data.stage,
