@@ -57,9 +57,7 @@ impl ConsumerSettings {
         let max_deliver = topology
             .consumers()
             .into_iter()
-            .find(|(on, config)| {
-                *on == stream && config.durable_name.as_deref() == Some(consumer)
-            })
+            .find(|(on, config)| *on == stream && config.durable_name.as_deref() == Some(consumer))
             .map_or(topology.max_deliver, |(_, config)| config.max_deliver);
         ConsumerSettings {
             stream: stream.to_owned(),

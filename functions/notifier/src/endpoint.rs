@@ -159,7 +159,10 @@ impl Endpoint {
     ///
     /// # Errors
     /// See [`EndpointError`].
-    pub fn from_spec(spec: &EndpointSpec, global: &[AllowedNetwork]) -> Result<Self, EndpointError> {
+    pub fn from_spec(
+        spec: &EndpointSpec,
+        global: &[AllowedNetwork],
+    ) -> Result<Self, EndpointError> {
         let id = spec.id.clone();
         let valid_id = !id.is_empty()
             && id.len() <= MAX_ID_LEN
@@ -202,12 +205,8 @@ impl Endpoint {
         if spec.kinds.is_empty() {
             return Err(EndpointError::NoKinds { id });
         }
-        let policy = NetworkPolicy::allowing(
-            global
-                .iter()
-                .chain(spec.allow_networks.iter())
-                .copied(),
-        );
+        let policy =
+            NetworkPolicy::allowing(global.iter().chain(spec.allow_networks.iter()).copied());
         Ok(Endpoint {
             id,
             url,
@@ -275,7 +274,10 @@ impl Registry {
     ///
     /// # Errors
     /// See [`Self::load`].
-    pub fn from_specs(specs: &[EndpointSpec], global: &[AllowedNetwork]) -> Result<Self, EndpointError> {
+    pub fn from_specs(
+        specs: &[EndpointSpec],
+        global: &[AllowedNetwork],
+    ) -> Result<Self, EndpointError> {
         let mut seen = HashSet::new();
         let mut endpoints = Vec::new();
         for spec in specs {
@@ -388,7 +390,10 @@ mod tests {
         assert_eq!(ids(LifecycleKind::Completed, Some(&warm)), ["all", "warm"]);
         assert_eq!(ids(LifecycleKind::Completed, Some(&cool)), ["all"]);
         assert_eq!(ids(LifecycleKind::Completed, Some(&elsewhere)), ["all"]);
-        assert_eq!(ids(LifecycleKind::Failed, Some(&warm)), Vec::<String>::new());
+        assert_eq!(
+            ids(LifecycleKind::Failed, Some(&warm)),
+            Vec::<String>::new()
+        );
         // Unknown upload: filtered endpoints cannot tell, so they are not sent it.
         assert_eq!(ids(LifecycleKind::Started, None), ["all"]);
     }
@@ -398,15 +403,21 @@ mod tests {
         let one = |fields: &str| registry(&format!("[[endpoints]]\n{fields}"));
         let ok_secret = format!("secrets = [\"{SECRET}\"]");
         assert!(matches!(
-            one(&format!("id = \"a.b\"\nurl = \"https://x.example/\"\n{ok_secret}")),
+            one(&format!(
+                "id = \"a.b\"\nurl = \"https://x.example/\"\n{ok_secret}"
+            )),
             Err(EndpointError::InvalidId { .. })
         ));
         assert!(matches!(
-            one(&format!("id = \"\"\nurl = \"https://x.example/\"\n{ok_secret}")),
+            one(&format!(
+                "id = \"\"\nurl = \"https://x.example/\"\n{ok_secret}"
+            )),
             Err(EndpointError::InvalidId { .. })
         ));
         assert!(matches!(
-            one(&format!("id = \"a\"\nurl = \"ftp://x.example/\"\n{ok_secret}")),
+            one(&format!(
+                "id = \"a\"\nurl = \"ftp://x.example/\"\n{ok_secret}"
+            )),
             Err(EndpointError::InvalidUrl { .. })
         ));
         assert!(matches!(
@@ -422,19 +433,27 @@ mod tests {
             Err(EndpointError::BadSecret { index: 0, .. })
         ));
         assert!(matches!(
-            one(&format!("id = \"a\"\nurl = \"https://x.example/\"\n{ok_secret}\nkinds = []")),
+            one(&format!(
+                "id = \"a\"\nurl = \"https://x.example/\"\n{ok_secret}\nkinds = []"
+            )),
             Err(EndpointError::NoKinds { .. })
         ));
         assert!(matches!(
-            one(&format!("id = \"a\"\nurl = \"https://x.example/\"\n{ok_secret}\nkinds = [\"done\"]")),
+            one(&format!(
+                "id = \"a\"\nurl = \"https://x.example/\"\n{ok_secret}\nkinds = [\"done\"]"
+            )),
             Err(EndpointError::Toml(_))
         ));
         assert!(matches!(
-            one(&format!("id = \"a\"\nurl = \"https://x.example/\"\n{ok_secret}\nallow_networks = [\"everything\"]")),
+            one(&format!(
+                "id = \"a\"\nurl = \"https://x.example/\"\n{ok_secret}\nallow_networks = [\"everything\"]"
+            )),
             Err(EndpointError::Toml(_))
         ));
         assert!(matches!(
-            one(&format!("id = \"a\"\nurl = \"https://x.example/\"\n{ok_secret}\nsecret = \"typo\"")),
+            one(&format!(
+                "id = \"a\"\nurl = \"https://x.example/\"\n{ok_secret}\nsecret = \"typo\""
+            )),
             Err(EndpointError::Toml(_))
         ));
         let twice = format!(

@@ -231,9 +231,10 @@ impl NotifierHandler {
         let mut dead_lettered = Vec::new();
         for (endpoint, outcome) in &deliveries {
             let (reason, text) = match outcome {
-                DeliveryOutcome::Refused(refused) => {
-                    (FailureReason::TargetRefused, format!("target refused: {refused}"))
-                }
+                DeliveryOutcome::Refused(refused) => (
+                    FailureReason::TargetRefused,
+                    format!("target refused: {refused}"),
+                ),
                 DeliveryOutcome::Failed { error, .. } => (
                     FailureReason::MaxDeliveriesExceeded,
                     format!("gave up after {} attempts; last: {error}", delivery.attempt),
@@ -339,7 +340,11 @@ impl NotifierHandler {
             Attempt::Delivered { status } => {
                 tracing::info!(endpoint = %endpoint.id, %webhook_id, event = %notice.id, attempt, status, "webhook delivered");
                 self.ledger
-                    .record(&webhook_id, &endpoint.id, DeliveryState::Delivered { status })
+                    .record(
+                        &webhook_id,
+                        &endpoint.id,
+                        DeliveryState::Delivered { status },
+                    )
                     .await?;
                 Ok(DeliveryOutcome::Delivered)
             }

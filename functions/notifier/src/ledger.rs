@@ -206,7 +206,8 @@ impl Ledger {
         let sending = encode(&DeliveryRecord {
             endpoint: endpoint.to_owned(),
             state: DeliveryState::Sending {
-                lease_until: now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
+                lease_until: now
+                    + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX),
             },
             updated_at: now,
         });
@@ -228,7 +229,11 @@ impl Ledger {
                         }
                         DeliveryState::Sending { .. } | DeliveryState::Failed { .. } => {}
                     }
-                    match self.deliveries.update(&key, sending.clone(), revision).await {
+                    match self
+                        .deliveries
+                        .update(&key, sending.clone(), revision)
+                        .await
+                    {
                         Ok(_) => return Ok(Claim::Granted),
                         Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
                         Err(e) => return Err(RuntimeError::jetstream(format!("claim {key}"), e)),
@@ -266,7 +271,10 @@ impl Ledger {
     ///
     /// # Errors
     /// NATS trouble, or a corrupt record.
-    pub async fn disabled(&self, endpoint: &Endpoint) -> Result<Option<DisabledEndpoint>, RuntimeError> {
+    pub async fn disabled(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<Option<DisabledEndpoint>, RuntimeError> {
         let key = endpoint.id.clone();
         let entry = self
             .endpoints
@@ -320,8 +328,14 @@ mod tests {
     #[test]
     fn webhook_ids_are_stable_and_distinct_per_endpoint() {
         let a = webhook_id("0ec57537-bd70-58a8-a1bd-91b1fc1ee2a8", "studio-app");
-        assert_eq!(a, webhook_id("0ec57537-bd70-58a8-a1bd-91b1fc1ee2a8", "studio-app"));
-        assert_ne!(a, webhook_id("0ec57537-bd70-58a8-a1bd-91b1fc1ee2a8", "other"));
+        assert_eq!(
+            a,
+            webhook_id("0ec57537-bd70-58a8-a1bd-91b1fc1ee2a8", "studio-app")
+        );
+        assert_ne!(
+            a,
+            webhook_id("0ec57537-bd70-58a8-a1bd-91b1fc1ee2a8", "other")
+        );
         assert_ne!(a, webhook_id("another-event", "studio-app"));
         assert!(a.starts_with("msg_"));
         assert_eq!(a.len(), 4 + 32);

@@ -476,6 +476,9 @@ mod tests {
             .await
             .unwrap_err();
         let refused = refusal_in(&error).expect("a refusal in the error chain");
-        assert!(matches!(refused, TargetRefused::Address { .. }), "{refused}");
+        assert!(
+            matches!(refused, TargetRefused::Address { .. }),
+            "{refused}"
+        );
     }
 }

@@ -76,11 +76,16 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(7);
         for attempt in 1..=12 {
             let ceiling = BACKOFF.ceiling(attempt);
-            let delays: Vec<Duration> = (0..2000).map(|_| BACKOFF.delay(attempt, &mut rng)).collect();
+            let delays: Vec<Duration> = (0..2000)
+                .map(|_| BACKOFF.delay(attempt, &mut rng))
+                .collect();
             assert!(delays.iter().all(|d| *d <= ceiling), "attempt {attempt}");
             // Full jitter: both the low and the high quarter of the range are drawn.
             assert!(delays.iter().any(|d| *d < ceiling / 4), "attempt {attempt}");
-            assert!(delays.iter().any(|d| *d > ceiling * 3 / 4), "attempt {attempt}");
+            assert!(
+                delays.iter().any(|d| *d > ceiling * 3 / 4),
+                "attempt {attempt}"
+            );
         }
         let zero = Backoff {
             base: Duration::ZERO,

@@ -28,7 +28,10 @@ pub async fn connect(config: &NotifierConfig) -> anyhow::Result<NotifierHandler>
             tracing::warn!(endpoint = %endpoint.id, %refused, "every delivery to this endpoint will be refused");
         }
     }
-    tracing::info!(endpoints = registry.endpoints().len(), "webhook endpoints loaded");
+    tracing::info!(
+        endpoints = registry.endpoints().len(),
+        "webhook endpoints loaded"
+    );
     let sender = WebhookSender::new(&registry, config.limits())?;
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-notifier").await?;
     let js = async_nats::jetstream::new(nats);

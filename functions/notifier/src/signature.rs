@@ -50,7 +50,9 @@ pub enum SecretError {
     #[error("the text after {SECRET_PREFIX:?} is not standard base64")]
     NotBase64,
     /// The decoded key is shorter or longer than the spec allows.
-    #[error("a webhook secret must decode to {MIN_SECRET_BYTES}–{MAX_SECRET_BYTES} bytes, not {len}")]
+    #[error(
+        "a webhook secret must decode to {MIN_SECRET_BYTES}–{MAX_SECRET_BYTES} bytes, not {len}"
+    )]
     Length {
         /// Decoded length.
         len: usize,
@@ -130,7 +132,12 @@ impl WebhookSecret {
 }
 
 /// The `webhook-signature` header value: one `v1,` signature per secret, space-separated.
-pub fn signature_header(secrets: &[WebhookSecret], id: &str, timestamp: i64, body: &[u8]) -> String {
+pub fn signature_header(
+    secrets: &[WebhookSecret],
+    id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
     secrets
         .iter()
         .map(|secret| secret.sign(id, timestamp, body))
@@ -272,7 +279,10 @@ mod tests {
             verify(&secrets, id, ts, sig, body, now, DEFAULT_TOLERANCE)
         };
         let now = VECTOR_TIMESTAMP + 10;
-        assert_eq!(check(VECTOR_ID, &ts, VECTOR_SIGNATURE, VECTOR_BODY, now), Ok(()));
+        assert_eq!(
+            check(VECTOR_ID, &ts, VECTOR_SIGNATURE, VECTOR_BODY, now),
+            Ok(())
+        );
         // Tampered body, id or timestamp.
         let tampered = br#"{"greetings": "Hello World!"}"#;
         assert_eq!(
@@ -290,15 +300,33 @@ mod tests {
         );
         // Stale and future timestamps, just past the tolerance either way.
         assert_eq!(
-            check(VECTOR_ID, &ts, VECTOR_SIGNATURE, VECTOR_BODY, VECTOR_TIMESTAMP + 301),
+            check(
+                VECTOR_ID,
+                &ts,
+                VECTOR_SIGNATURE,
+                VECTOR_BODY,
+                VECTOR_TIMESTAMP + 301
+            ),
             Err(VerifyError::TooOld { age_secs: 301 })
         );
         assert_eq!(
-            check(VECTOR_ID, &ts, VECTOR_SIGNATURE, VECTOR_BODY, VECTOR_TIMESTAMP + 300),
+            check(
+                VECTOR_ID,
+                &ts,
+                VECTOR_SIGNATURE,
+                VECTOR_BODY,
+                VECTOR_TIMESTAMP + 300
+            ),
             Ok(())
         );
         assert_eq!(
-            check(VECTOR_ID, &ts, VECTOR_SIGNATURE, VECTOR_BODY, VECTOR_TIMESTAMP - 301),
+            check(
+                VECTOR_ID,
+                &ts,
+                VECTOR_SIGNATURE,
+                VECTOR_BODY,
+                VECTOR_TIMESTAMP - 301
+            ),
             Err(VerifyError::TooNew { ahead_secs: 301 })
         );
         assert!(matches!(
@@ -329,12 +357,28 @@ mod tests {
         assert_eq!(entries[1], new.sign("msg_1", 1000, b"{}"));
         for receiver in [old, new] {
             assert_eq!(
-                verify(&[receiver], "msg_1", "1000", &header, b"{}", 1000, DEFAULT_TOLERANCE),
+                verify(
+                    &[receiver],
+                    "msg_1",
+                    "1000",
+                    &header,
+                    b"{}",
+                    1000,
+                    DEFAULT_TOLERANCE
+                ),
                 Ok(())
             );
         }
         assert_eq!(
-            verify(&[wrong], "msg_1", "1000", &header, b"{}", 1000, DEFAULT_TOLERANCE),
+            verify(
+                &[wrong],
+                "msg_1",
+                "1000",
+                &header,
+                b"{}",
+                1000,
+                DEFAULT_TOLERANCE
+            ),
             Err(VerifyError::NoMatch)
         );
     }
