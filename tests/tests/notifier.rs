@@ -342,6 +342,18 @@ async fn drain(subscriber: &mut Subscriber, quiet: Duration) -> Vec<async_nats::
     got
 }
 
+/// What a subscriber hears: the first message within [`WAIT`] (none is a failure), then any
+/// more until half a second passes without one.
+async fn heard(subscriber: &mut Subscriber) -> Vec<async_nats::Message> {
+    let first = tokio::time::timeout(WAIT, subscriber.next())
+        .await
+        .expect("a message within the wait")
+        .unwrap();
+    let mut got = vec![first];
+    got.extend(drain(subscriber, Duration::from_millis(500)).await);
+    got
+}
+
 /// Polls `probe` until `done` holds (or panics after [`WAIT`]).
 async fn wait_for<T, F, Fut>(mut probe: F, done: impl Fn(&T) -> bool) -> T
 where
@@ -497,16 +509,16 @@ async fn a_failing_receiver_gets_the_event_on_the_third_attempt_with_one_webhook
     let record = handler.ledger().delivery(&id).await.unwrap().unwrap();
     assert_eq!(record.state, DeliveryState::Delivered { status: 200 });
     assert!(stack.dead_letters().await.is_empty());
-    let heard = drain(&mut per_job, Duration::from_millis(500)).await;
-    assert_eq!(heard.len(), 1);
-    assert_eq!(heard[0].payload, body);
-    let heard = drain(&mut per_prefix, Duration::from_millis(500)).await;
-    assert_eq!(heard.len(), 1);
+    let messages = heard(&mut per_job).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].payload, body);
+    let messages = heard(&mut per_prefix).await;
+    assert_eq!(messages.len(), 1);
     assert_eq!(
-        heard[0].subject.as_str(),
+        messages[0].subject.as_str(),
         "darkroom.notify.bucket.photos.inbox.profile-warm.completed"
     );
-    let msg_id = heard[0]
+    let msg_id = messages[0]
         .headers
         .as_ref()
         .and_then(|h| h.get(headers::MSG_ID))
@@ -585,10 +597,7 @@ async fn a_410_disables_the_endpoint_for_good() {
     let notifier = stack.spawn(config).await;
     stack.publish(completed(&source)).await;
     stack.wait_settled().await;
-    assert_eq!(
-        drain(&mut per_job, Duration::from_millis(500)).await.len(),
-        1
-    );
+    assert_eq!(heard(&mut per_job).await.len(), 1);
     assert_eq!(receiver.received().len(), 1, "nothing after the 410");
     assert!(stack.dead_letters().await.is_empty());
     notifier.stop().await;
@@ -626,8 +635,8 @@ async fn a_loopback_target_is_refused_without_the_allowance_and_the_subjects_sti
         receiver.received().is_empty(),
         "no request reached 127.0.0.1"
     );
-    let heard = drain(&mut per_job, Duration::from_millis(500)).await;
-    assert_eq!(heard.len(), 1);
+    let messages = heard(&mut per_job).await;
+    assert_eq!(messages.len(), 1);
     // The job itself did not fail: no `failed` event.
     let failed = subjects::lifecycle_subject(source.job_id().unwrap(), LifecycleKind::Failed);
     assert!(
@@ -742,16 +751,8 @@ async fn a_redelivered_event_makes_no_second_webhook_and_no_second_notification(
     let notifier = stack.spawn(config).await;
     stack.wait_settled().await;
     assert_eq!(receiver.received().len(), 1);
-    assert_eq!(
-        drain(&mut per_job, Duration::from_millis(500)).await.len(),
-        1
-    );
-    assert_eq!(
-        drain(&mut per_bucket, Duration::from_millis(100))
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(heard(&mut per_job).await.len(), 1);
+    assert_eq!(heard(&mut per_bucket).await.len(), 1);
     let stored = stack.messages(subjects::NOTIFY_STREAM).await;
     assert_eq!(stored.len(), 2, "one per subject");
     notifier.stop().await;
@@ -763,24 +764,30 @@ async fn the_notify_stream_republishes_each_message_id_once() {
     // publishes again on redelivery, with the same Nats-Msg-Id; the stream drops the copy
     // before republishing, so a core subscriber hears one message.
     let stack = Stack::start().await;
+    // Unique names, so that nothing else on the server can have used them.
+    let token = uuid::Uuid::new_v4().simple().to_string();
     let mut live = stack
-        .subscribe("darkroom.notify.job.test.completed".to_owned())
+        .subscribe(format!("darkroom.notify.job.{token}.completed"))
         .await;
     for _ in 0..3 {
         let mut map = HeaderMap::new();
-        map.insert(headers::MSG_ID, "same-id:job");
+        map.insert(headers::MSG_ID, format!("{token}:job").as_str());
         let ack = stack
             .js
-            .publish_with_headers("darkroom.fanout.job.test.completed", map, "x".into())
+            .publish_with_headers(
+                format!("darkroom.fanout.job.{token}.completed"),
+                map,
+                "x".into(),
+            )
             .await
             .unwrap()
             .await
             .unwrap();
         assert_eq!(ack.stream, subjects::NOTIFY_STREAM);
     }
-    let heard = drain(&mut live, Duration::from_millis(500)).await;
-    assert_eq!(heard.len(), 1);
-    let headers = heard[0].headers.as_ref().unwrap();
+    let messages = heard(&mut live).await;
+    assert_eq!(messages.len(), 1);
+    let headers = messages[0].headers.as_ref().unwrap();
     assert_eq!(
         headers.get("Nats-Stream").unwrap().as_str(),
         subjects::NOTIFY_STREAM
@@ -818,10 +825,10 @@ async fn started_events_find_their_upload_through_the_job_record() {
         .await;
     let requests = receiver.wait_for_requests(1).await;
     assert_eq!(requests[0].body, body);
-    let heard = drain(&mut per_prefix, Duration::from_millis(500)).await;
-    assert_eq!(heard.len(), 1);
+    let messages = heard(&mut per_prefix).await;
+    assert_eq!(messages.len(), 1);
     assert_eq!(
-        heard[0].subject.as_str(),
+        messages[0].subject.as_str(),
         "darkroom.notify.bucket.photos.inbox.profile-warm.started"
     );
     // A started event of a job with no record reaches the job subject only, and no filtered
@@ -841,12 +848,7 @@ async fn started_events_find_their_upload_through_the_job_record() {
         })
         .await;
     stack.wait_settled().await;
-    assert_eq!(
-        drain(&mut unknown_job, Duration::from_millis(500))
-            .await
-            .len(),
-        1
-    );
+    assert_eq!(heard(&mut unknown_job).await.len(), 1);
     assert!(
         drain(&mut per_prefix, Duration::from_millis(100))
             .await
@@ -1033,10 +1035,7 @@ async fn lambda_runtime_serves_the_handler() {
     );
     let requests = receiver.wait_for_requests(1).await;
     independent_verify(SECRET_OLD, &requests[0], &requests[0].body, now()).unwrap();
-    assert_eq!(
-        drain(&mut per_job, Duration::from_millis(500)).await.len(),
-        1
-    );
+    assert_eq!(heard(&mut per_job).await.len(), 1);
     child.kill().await.unwrap();
     server.abort();
 }

@@ -210,7 +210,10 @@ impl NotifierHandler {
                 ?delay,
                 "webhook deliveries failed; retrying"
             );
-            return Err(retry_in(delay, failing.len()));
+            return Err(retry_in(
+                delay,
+                format!("{} webhook deliveries to retry", failing.len()),
+            ));
         }
         let busy_until = deliveries
             .iter()
@@ -224,7 +227,10 @@ impl NotifierHandler {
         {
             // Another worker is sending; come back when its claim lapses, to be sure it did.
             let delay = (until - Utc::now()).to_std().unwrap_or(Duration::ZERO);
-            return Err(retry_in(delay, 0));
+            return Err(retry_in(
+                delay,
+                "a webhook delivery is being sent by another worker".to_owned(),
+            ));
         }
 
         // Settled: dead-letter what failed for good, then acknowledge.
@@ -429,13 +435,14 @@ fn runtime_error(error: RuntimeError) -> HandlerError {
     HandlerError::transient(FailureReason::Internal, error.to_string())
 }
 
-fn retry_in(delay: Duration, failing: usize) -> HandlerError {
+/// A transient error asking the loop to redeliver the event after `delay`.
+fn retry_in(delay: Duration, message: String) -> HandlerError {
     HandlerError {
         class: ErrorClass::Transient {
             retry_after: Some(delay),
         },
         reason: FailureReason::MaxDeliveriesExceeded,
-        message: format!("{failing} webhook deliveries to retry"),
+        message,
         job: None,
     }
 }
