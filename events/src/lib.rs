@@ -7,7 +7,8 @@
 //! - [`cloudevent`]: the CloudEvents 1.0 envelope (JSON, structured mode) around Darkroom's own events;
 //! - [`job`]: job identity, object references and the [`job::InferenceJob`] work item;
 //! - [`lifecycle`]: `queued`, `started`, `progress`, `completed` and `failed` events;
-//! - [`subjects`]: NATS subjects, JetStream streams, consumers, the jobs KV bucket and header names;
+//! - [`subjects`]: NATS subjects (the notifier's fan-out included), JetStream streams, consumers,
+//!   KV buckets and header names;
 //! - [`schema`]: JSON Schemas of every payload, generated from these types.
 //!
 //! The crate depends on nothing of Darkroom's, so any client can use it. JSON Schemas for every

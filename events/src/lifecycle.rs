@@ -72,6 +72,9 @@ pub enum FailureReason {
     MaxDeliveriesExceeded,
     /// The job was cancelled.
     Cancelled,
+    /// A webhook endpoint's address is refused by the notifier's network policy (a scheme other
+    /// than http(s), or an address in a blocked range such as loopback or the metadata service).
+    TargetRefused,
     /// A bug or an unexpected condition; the message says more.
     Internal,
 }

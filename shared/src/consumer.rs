@@ -54,11 +54,16 @@ pub struct ConsumerSettings {
 impl ConsumerSettings {
     /// Settings matching the consumer `consumer` on `stream` as `topology` declares it.
     pub fn new(topology: &Topology, stream: &str, consumer: &str) -> Self {
+        let max_deliver = topology
+            .consumers()
+            .into_iter()
+            .find(|(on, config)| *on == stream && config.durable_name.as_deref() == Some(consumer))
+            .map_or(topology.max_deliver, |(_, config)| config.max_deliver);
         ConsumerSettings {
             stream: stream.to_owned(),
             consumer: consumer.to_owned(),
             ack_wait: topology.ack_wait,
-            max_deliver: u32::try_from(topology.max_deliver).unwrap_or(u32::MAX),
+            max_deliver: u32::try_from(max_deliver).unwrap_or(u32::MAX),
             fetch_expires: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             retry_backoff: [1, 5, 15, 30, 60].map(Duration::from_secs).to_vec(),
@@ -439,5 +444,21 @@ mod tests {
         assert_eq!(settings.backoff(2), Duration::from_secs(5));
         assert_eq!(settings.backoff(50), Duration::from_secs(60));
         assert_eq!(settings.backoff(0), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn each_consumer_gets_its_own_max_deliver() {
+        use darkroom_events::subjects::{self, consumers};
+        let topology = Topology {
+            max_deliver: 3,
+            notifier_max_deliver: 9,
+            ..Topology::default()
+        };
+        let notifier =
+            ConsumerSettings::new(&topology, subjects::EVENTS_STREAM, consumers::NOTIFIER);
+        assert_eq!(notifier.max_deliver, 9);
+        let preprocess =
+            ConsumerSettings::new(&topology, subjects::UPLOADS_STREAM, consumers::PREPROCESS);
+        assert_eq!(preprocess.max_deliver, 3);
     }
 }

@@ -19,8 +19,11 @@ pub struct Topology {
     pub duplicate_window: Duration,
     /// How long upload notifications are kept (default 7 days).
     pub uploads_max_age: Duration,
-    /// How long lifecycle events are kept (default 7 days).
+    /// How long lifecycle events are kept (default 7 days); also how long the notifier
+    /// remembers what it delivered.
     pub events_max_age: Duration,
+    /// How long the notifier's fan-out is kept for replay (default 1 day).
+    pub notify_max_age: Duration,
     /// How long dead letters are kept (default 30 days).
     pub dlq_max_age: Duration,
     /// How long job records are kept (default 30 days).
@@ -30,6 +33,9 @@ pub struct Topology {
     pub ack_wait: Duration,
     /// Deliveries before a message is dead-lettered (default 5).
     pub max_deliver: i64,
+    /// Deliveries of a lifecycle event to the notifier (default 8): each is one attempt at the
+    /// webhooks not yet served, so this caps webhook attempts too.
+    pub notifier_max_deliver: i64,
     /// Messages the inference consumer hands out at once: one per GPU slot (default 1).
     pub inference_max_ack_pending: i64,
     /// Messages preprocess and notifier may have in flight (default 64).
@@ -44,10 +50,12 @@ impl Default for Topology {
             duplicate_window: Duration::from_secs(120),
             uploads_max_age: 7 * DAY,
             events_max_age: 7 * DAY,
+            notify_max_age: DAY,
             dlq_max_age: 30 * DAY,
             jobs_kv_max_age: 30 * DAY,
             ack_wait: Duration::from_secs(60),
             max_deliver: 5,
+            notifier_max_deliver: 8,
             inference_max_ack_pending: 1,
             cpu_max_ack_pending: 64,
         }
@@ -85,6 +93,24 @@ impl Topology {
         )
     }
 
+    /// The notifier's fan-out: stored from `darkroom.fanout.>` and republished on
+    /// `darkroom.notify.>` once stored, so de-duplicated messages never reach subscribers.
+    pub fn notify_stream(&self) -> stream::Config {
+        stream::Config {
+            republish: Some(stream::Republish {
+                source: subjects::NOTIFY_STREAM_SUBJECTS.to_owned(),
+                destination: subjects::NOTIFY_SUBJECTS.to_owned(),
+                headers_only: false,
+            }),
+            ..self.stream(
+                subjects::NOTIFY_STREAM,
+                subjects::NOTIFY_STREAM_SUBJECTS,
+                self.notify_max_age,
+                stream::RetentionPolicy::Limits,
+            )
+        }
+    }
+
     /// The dead-letter stream.
     pub fn dlq_stream(&self) -> stream::Config {
         self.stream(
@@ -108,30 +134,68 @@ impl Topology {
         }
     }
 
+    /// The notifier's record of fan-outs and webhook deliveries done.
+    pub fn notifier_deliveries_kv(&self) -> kv::Config {
+        kv::Config {
+            bucket: subjects::NOTIFIER_DELIVERIES_KV.to_owned(),
+            description: "Darkroom notifier: fan-outs and webhook deliveries done".to_owned(),
+            history: 1,
+            max_age: self.events_max_age,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            ..Default::default()
+        }
+    }
+
+    /// Webhook endpoint state (disabled after `410 Gone`), kept until deleted.
+    pub fn webhook_endpoints_kv(&self) -> kv::Config {
+        kv::Config {
+            bucket: subjects::WEBHOOK_ENDPOINTS_KV.to_owned(),
+            description: "Darkroom webhook endpoints disabled by a 410 Gone".to_owned(),
+            history: 1,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            ..Default::default()
+        }
+    }
+
     /// The durable pull consumers: `(stream, config)` pairs.
     pub fn consumers(&self) -> Vec<(&'static str, consumer::pull::Config)> {
         vec![
             (
                 subjects::UPLOADS_STREAM,
-                self.consumer(consumers::PREPROCESS, self.cpu_max_ack_pending),
+                self.consumer(
+                    consumers::PREPROCESS,
+                    self.cpu_max_ack_pending,
+                    self.max_deliver,
+                ),
             ),
             (
                 subjects::JOBS_STREAM,
-                self.consumer(consumers::INFERENCE, self.inference_max_ack_pending),
+                self.consumer(
+                    consumers::INFERENCE,
+                    self.inference_max_ack_pending,
+                    self.max_deliver,
+                ),
             ),
             (
                 subjects::EVENTS_STREAM,
-                self.consumer(consumers::NOTIFIER, self.cpu_max_ack_pending),
+                self.consumer(
+                    consumers::NOTIFIER,
+                    self.cpu_max_ack_pending,
+                    self.notifier_max_deliver,
+                ),
             ),
         ]
     }
 
-    /// Creates or updates every stream, consumer and the KV bucket.
+    /// Creates or updates every stream, consumer and KV bucket.
     pub async fn ensure(&self, js: &jetstream::Context) -> Result<()> {
         for config in [
             self.uploads_stream(),
             self.jobs_stream(),
             self.events_stream(),
+            self.notify_stream(),
             self.dlq_stream(),
         ] {
             let name = config.name.clone();
@@ -139,9 +203,16 @@ impl Topology {
                 .await
                 .map_err(|e| RuntimeError::jetstream(format!("ensure stream {name}"), e))?;
         }
-        js.create_or_update_key_value(self.jobs_kv())
-            .await
-            .map_err(|e| RuntimeError::jetstream(format!("ensure KV {}", subjects::JOBS_KV), e))?;
+        for config in [
+            self.jobs_kv(),
+            self.notifier_deliveries_kv(),
+            self.webhook_endpoints_kv(),
+        ] {
+            let name = config.bucket.clone();
+            js.create_or_update_key_value(config)
+                .await
+                .map_err(|e| RuntimeError::jetstream(format!("ensure KV {name}"), e))?;
+        }
         for (stream, config) in self.consumers() {
             let name = config.durable_name.clone().unwrap_or_default();
             js.create_consumer_on_stream(config, stream)
@@ -172,12 +243,17 @@ impl Topology {
         }
     }
 
-    fn consumer(&self, name: &str, max_ack_pending: i64) -> consumer::pull::Config {
+    fn consumer(
+        &self,
+        name: &str,
+        max_ack_pending: i64,
+        max_deliver: i64,
+    ) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(name.to_owned()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
-            max_deliver: self.max_deliver,
+            max_deliver,
             max_ack_pending,
             // Batch 1 from the client side too: no message waits in a buffer while its AckWait runs.
             max_batch: 1,
