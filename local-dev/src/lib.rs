@@ -18,12 +18,15 @@ pub async fn provision(config: &RuntimeConfig) -> anyhow::Result<()> {
     let s3 = darkroom_shared::s3::client(config).await;
     darkroom_shared::s3::ensure_bucket(&s3, &config.bucket).await?;
     println!(
-        "provisioned: streams {}, {}, {}, {}; KV {}; bucket {}",
+        "provisioned: streams {}, {}, {}, {}, {}; KV {}, {}, {}; bucket {}",
         subjects::UPLOADS_STREAM,
         subjects::JOBS_STREAM,
         subjects::EVENTS_STREAM,
+        subjects::NOTIFY_STREAM,
         subjects::DLQ_STREAM,
         subjects::JOBS_KV,
+        subjects::NOTIFIER_DELIVERIES_KV,
+        subjects::WEBHOOK_ENDPOINTS_KV,
         config.bucket
     );
     Ok(())
@@ -50,10 +53,11 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
         .subscribe(subjects::uploads_subject(&config.bucket))
         .await
         .context("subscribe to the uploads subject")?;
+    // What a user subscribes to: the notifier's per-job subjects.
     let mut events = nats
-        .subscribe(subjects::EVENTS_SUBJECTS)
+        .subscribe("darkroom.notify.job.>")
         .await
-        .context("subscribe to the lifecycle events")?;
+        .context("subscribe to the job notifications")?;
 
     let (body, extension, content_type) = match &options.photo {
         Some(path) => {
@@ -128,7 +132,7 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
         break job;
     };
 
-    let prefix = format!("darkroom.events.{job}.");
+    let prefix = format!("darkroom.notify.job.{job}.");
     loop {
         let message = tokio::time::timeout_at(deadline, events.next())
             .await
@@ -136,7 +140,7 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
             .flatten();
         let Some(message) = message else {
             bail!(
-                "no queued or failed event for job {job} within {:?}: is darkroom-preprocess running? (local-dev/stack status)",
+                "no queued or failed notification for job {job} within {:?}: are darkroom-preprocess and darkroom-notifier running? (local-dev/stack status)",
                 options.timeout
             );
         };
