@@ -29,6 +29,7 @@ use darkroom_shared::RuntimeConfig;
 use darkroom_shared::jobs::{JobRecord, JobStore};
 use darkroom_shared::publish::Publisher;
 use darkroom_tests::NatsServer;
+use darkroom_tests::lambda_api::RuntimeApi;
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -911,73 +912,6 @@ async fn the_lambda_adapter_runs_the_handler_on_direct_and_sqs_events() {
     assert_eq!(header(&letters[0], headers::DLQ_REASON), "invalid_event");
 }
 
-/// What the fake Lambda Runtime API saw.
-#[derive(Default)]
-struct RuntimeApi {
-    event: Mutex<Option<Value>>,
-    responses: tokio::sync::Mutex<Vec<(String, String, Value)>>,
-}
-
-/// Serves `event` once on the Runtime API's `next` endpoint and records responses and errors
-/// (<https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html>).
-async fn fake_runtime_api(api: Arc<RuntimeApi>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    use axum::extract::{Path, State};
-    use axum::http::HeaderMap as HttpHeaders;
-    use axum::routing::{get, post};
-
-    async fn next(State(api): State<Arc<RuntimeApi>>) -> (HttpHeaders, String) {
-        let event = api.event.lock().unwrap().take();
-        let Some(event) = event else {
-            // One invocation only: later polls wait until the process is stopped.
-            std::future::pending::<()>().await;
-            unreachable!();
-        };
-        let deadline = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-            + 60_000;
-        let mut headers = HttpHeaders::new();
-        headers.insert("lambda-runtime-aws-request-id", "req-1".parse().unwrap());
-        headers.insert(
-            "lambda-runtime-deadline-ms",
-            deadline.to_string().parse().unwrap(),
-        );
-        headers.insert(
-            "lambda-runtime-invoked-function-arn",
-            "arn:aws:lambda:eu-west-1:123456789012:function:darkroom-notifier"
-                .parse()
-                .unwrap(),
-        );
-        headers.insert(
-            "lambda-runtime-trace-id",
-            "Root=1-5759e988-bd862e3fe1be46a994272793".parse().unwrap(),
-        );
-        (headers, event.to_string())
-    }
-
-    async fn outcome(
-        State(api): State<Arc<RuntimeApi>>,
-        Path((id, kind)): Path<(String, String)>,
-        body: Bytes,
-    ) -> axum::http::StatusCode {
-        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        api.responses.lock().await.push((id, kind, body));
-        axum::http::StatusCode::ACCEPTED
-    }
-
-    let app = axum::Router::new()
-        .route("/2018-06-01/runtime/invocation/next", get(next))
-        .route("/2018-06-01/runtime/invocation/{id}/{kind}", post(outcome))
-        .with_state(api);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    (addr, task)
-}
-
 const LAMBDA_CHILD_ENV: &str = "DARKROOM_TEST_LAMBDA_CHILD";
 
 #[tokio::test]
@@ -989,7 +923,7 @@ async fn lambda_runtime_serves_the_handler() {
     let event = CloudEvent::new("runtime-event-1", "/darkroom/inference", completed(&source));
     let api = Arc::new(RuntimeApi::default());
     *api.event.lock().unwrap() = Some(serde_json::from_slice(&event.to_json()).unwrap());
-    let (addr, server) = fake_runtime_api(api.clone()).await;
+    let (addr, server) = RuntimeApi::serve(api.clone(), "darkroom-notifier").await;
     let mut per_job = stack
         .subscribe(subjects::notify_job_subject(
             source.job_id().unwrap(),

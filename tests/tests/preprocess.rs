@@ -24,6 +24,7 @@ use darkroom_shared::consumer::{self, ConsumerSettings};
 use darkroom_shared::jobs::{JobStatus, JobStore};
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::topology::Topology;
+use darkroom_tests::lambda_api::RuntimeApi;
 use darkroom_tests::{NatsServer, S3Server};
 use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
 use serde_json::{Value, json};
@@ -739,73 +740,6 @@ async fn the_lambda_adapter_runs_the_handler_on_s3_and_sqs_events() {
     assert_eq!(stack.inference_jobs().await.len(), 1);
 }
 
-/// What the fake Lambda Runtime API saw.
-#[derive(Default)]
-struct RuntimeApi {
-    event: std::sync::Mutex<Option<Value>>,
-    responses: tokio::sync::Mutex<Vec<(String, String, Value)>>,
-}
-
-/// Serves `event` once on the Runtime API's `next` endpoint and records responses and errors
-/// (<https://docs.aws.amazon.com/lambda/latest/dg/runtimes-api.html>).
-async fn fake_runtime_api(api: Arc<RuntimeApi>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    use axum::extract::{Path, State};
-    use axum::http::HeaderMap;
-    use axum::routing::{get, post};
-
-    async fn next(State(api): State<Arc<RuntimeApi>>) -> (HeaderMap, String) {
-        let event = api.event.lock().unwrap().take();
-        let Some(event) = event else {
-            // One invocation only: later polls wait until the process is stopped.
-            std::future::pending::<()>().await;
-            unreachable!();
-        };
-        let mut headers = HeaderMap::new();
-        let deadline = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-            + 60_000;
-        headers.insert("lambda-runtime-aws-request-id", "req-1".parse().unwrap());
-        headers.insert(
-            "lambda-runtime-deadline-ms",
-            deadline.to_string().parse().unwrap(),
-        );
-        headers.insert(
-            "lambda-runtime-invoked-function-arn",
-            "arn:aws:lambda:eu-west-1:123456789012:function:darkroom-preprocess"
-                .parse()
-                .unwrap(),
-        );
-        headers.insert(
-            "lambda-runtime-trace-id",
-            "Root=1-5759e988-bd862e3fe1be46a994272793".parse().unwrap(),
-        );
-        (headers, event.to_string())
-    }
-
-    async fn outcome(
-        State(api): State<Arc<RuntimeApi>>,
-        Path((id, kind)): Path<(String, String)>,
-        body: Bytes,
-    ) -> axum::http::StatusCode {
-        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        api.responses.lock().await.push((id, kind, body));
-        axum::http::StatusCode::ACCEPTED
-    }
-
-    let app = axum::Router::new()
-        .route("/2018-06-01/runtime/invocation/next", get(next))
-        .route("/2018-06-01/runtime/invocation/{id}/{kind}", post(outcome))
-        .with_state(api);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    (addr, task)
-}
-
 const LAMBDA_CHILD_ENV: &str = "DARKROOM_TEST_LAMBDA_CHILD";
 
 #[tokio::test]
@@ -816,7 +750,7 @@ async fn lambda_runtime_serves_the_handler() {
         .await;
     let api = Arc::new(RuntimeApi::default());
     *api.event.lock().unwrap() = Some(aws_s3_event(&object));
-    let (addr, server) = fake_runtime_api(api.clone()).await;
+    let (addr, server) = RuntimeApi::serve(api.clone(), "darkroom-preprocess").await;
 
     // This test binary again, running only `lambda_child`, which serves the handler with
     // `darkroom-preprocess lambda`'s code under the Lambda environment set here.
