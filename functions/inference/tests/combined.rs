@@ -6,37 +6,14 @@
 
 mod common;
 
+use common::CaseParams as Params;
+
 use std::collections::HashMap;
 use std::path::Path;
 
 use darkroom_inference::device::DType;
 use darkroom_inference::pipeline::{ControlInput, GenerateRequest, InitImage, SdxlPipeline};
-use serde::Deserialize;
 use tch::Device;
-
-#[derive(Debug, Deserialize)]
-struct Control {
-    net: String,
-    image: String,
-    scale: f64,
-    start: f64,
-    end: f64,
-}
-
-#[derive(Debug, Deserialize)]
-struct Params {
-    prompt: String,
-    negative_prompt: String,
-    steps: usize,
-    guidance: f64,
-    seed: i64,
-    width: u32,
-    height: u32,
-    scheduler: String,
-    strength: Option<f64>,
-    controls: Vec<Control>,
-    loras: Vec<(String, f64)>,
-}
 
 fn render(
     pipeline: &mut SdxlPipeline,
@@ -45,8 +22,7 @@ fn render(
     nets: &HashMap<String, darkroom_inference::pipeline::ControlNetId>,
 ) -> (image::RgbImage, tch::Tensor) {
     let dir = fixture.join("cases").join(case);
-    let params: Params =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
+    let params = Params::read(&dir);
     let loras: Vec<_> = params
         .loras
         .iter()

@@ -6,8 +6,9 @@
 
 mod common;
 
+use common::CaseParams as Params;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use darkroom_inference::EngineError;
 use darkroom_inference::controlnet::{ControlNet, ControlNetConfig, ControlNetModel};
@@ -18,38 +19,14 @@ use darkroom_inference::pipeline::{
 use darkroom_inference::unet::{
     AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetConfig,
 };
-use serde::Deserialize;
 use tch::{Device, Tensor, nn};
 
 fn fixture() -> PathBuf {
     common::fixture("controlnet", &[])
 }
 
-#[derive(Debug, Deserialize)]
-struct Control {
-    net: String,
-    image: String,
-    scale: f64,
-    start: f64,
-    end: f64,
-}
-
-#[derive(Debug, Deserialize)]
-struct Params {
-    prompt: String,
-    negative_prompt: String,
-    steps: usize,
-    guidance: f64,
-    seed: i64,
-    width: u32,
-    height: u32,
-    scheduler: String,
-    strength: Option<f64>,
-    controls: Vec<Control>,
-}
-
 fn params(case: &Path) -> Params {
-    serde_json::from_str(&std::fs::read_to_string(case.join("params.json")).unwrap()).unwrap()
+    Params::read(case)
 }
 
 fn request(fixture: &Path, params: &Params, ids: &dyn Fn(&str) -> ControlNetId) -> GenerateRequest {
@@ -468,22 +445,11 @@ fn the_command_takes_controlnets() {
     let case = fixture.join("cases/txt2img-two-euler-a");
     let params = params(&case);
     let out = tempfile::tempdir().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_darkroom-sdxl"));
-    command
-        .args(["--model".as_ref(), fixture.join("model").as_os_str()])
-        .args(["--prompt", &params.prompt])
-        .args(["--negative-prompt", &params.negative_prompt])
-        .args(["--width", &params.width.to_string()])
-        .args(["--height", &params.height.to_string()])
-        .args(["--steps", &params.steps.to_string()])
-        .args(["--guidance", &params.guidance.to_string()])
-        .args(["--seed", &params.seed.to_string()])
-        .args(["--scheduler", &params.scheduler, "--device", "cpu"])
-        .args(["--out".as_ref(), out.path().join("out.png").as_os_str()])
-        .args([
-            "--save-latents".as_ref(),
-            out.path().join("latents.safetensors").as_os_str(),
-        ]);
+    let mut command = common::sdxl_command(&fixture, &params, &out.path().join("out.png"));
+    command.args([
+        "--save-latents".as_ref(),
+        out.path().join("latents.safetensors").as_os_str(),
+    ]);
     for c in &params.controls {
         let value = format!(
             "{}:{}:{}:{}:{}",

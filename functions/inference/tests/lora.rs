@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::CaseParams as Params;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,28 +23,14 @@ use darkroom_inference::lora::{
     benchmark_switch,
 };
 use darkroom_inference::pipeline::{GenerateRequest, InitImage, SdxlPipeline};
-use serde::Deserialize;
 use tch::{Device, Kind, Tensor, nn};
-
-#[derive(Debug, Deserialize)]
-struct Params {
-    prompt: String,
-    negative_prompt: String,
-    steps: usize,
-    guidance: f64,
-    seed: i64,
-    width: u32,
-    height: u32,
-    strength: Option<f64>,
-    loras: Vec<(String, f64)>,
-}
 
 fn fixture() -> PathBuf {
     common::fixture("lora", &[])
 }
 
 fn params(case: &Path) -> Params {
-    serde_json::from_str(&std::fs::read_to_string(case.join("params.json")).unwrap()).unwrap()
+    Params::read(case)
 }
 
 fn request(params: &Params, init: &Path) -> GenerateRequest {
@@ -570,17 +558,7 @@ fn the_command_applies_loras() {
     let case = fixture.join("cases/txt2img-two");
     let params = params(&case);
     let out = tempfile::tempdir().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_darkroom-sdxl"));
-    command
-        .args(["--model".as_ref(), fixture.join("model").as_os_str()])
-        .args(["--prompt", &params.prompt])
-        .args(["--negative-prompt", &params.negative_prompt])
-        .args(["--width", &params.width.to_string()])
-        .args(["--height", &params.height.to_string()])
-        .args(["--steps", &params.steps.to_string()])
-        .args(["--guidance", &params.guidance.to_string()])
-        .args(["--seed", &params.seed.to_string()])
-        .args(["--out".as_ref(), out.path().join("out.png").as_os_str()]);
+    let mut command = common::sdxl_command(&fixture, &params, &out.path().join("out.png"));
     for (file, weight) in &params.loras {
         let spec = format!("{}:{weight}", fixture.join("loras").join(file).display());
         command.args(["--lora", &spec]);

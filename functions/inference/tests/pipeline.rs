@@ -5,30 +5,17 @@
 
 mod common;
 
+use common::CaseParams as Params;
+
 use std::path::Path;
 use std::process::Command;
 
 use darkroom_inference::device::DType;
 use darkroom_inference::pipeline::{GenerateRequest, InitImage, SdxlPipeline};
-use serde::Deserialize;
 use tch::Device;
 
-#[derive(Debug, Deserialize)]
-struct Params {
-    prompt: String,
-    negative_prompt: String,
-    steps: usize,
-    guidance: f64,
-    seed: i64,
-    width: u32,
-    height: u32,
-    scheduler: String,
-    strength: Option<f64>,
-}
-
 fn request(case: &Path, init: &Path) -> GenerateRequest {
-    let params: Params =
-        serde_json::from_str(&std::fs::read_to_string(case.join("params.json")).unwrap()).unwrap();
+    let params = Params::read(case);
     GenerateRequest {
         prompt: params.prompt,
         negative_prompt: Some(params.negative_prompt),

@@ -98,3 +98,63 @@ pub fn max_pixel_difference(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
         .max()
         .unwrap_or(0)
 }
+
+/// A reference case's `params.json`, as the scripts write it (fields a script leaves out take
+/// the defaults of `GenerateRequest` and `darkroom-sdxl`).
+#[derive(Debug, serde::Deserialize)]
+pub struct CaseParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub seed: i64,
+    pub width: u32,
+    pub height: u32,
+    #[serde(default = "euler")]
+    pub scheduler: String,
+    #[serde(default)]
+    pub strength: Option<f64>,
+    #[serde(default)]
+    pub controls: Vec<CaseControl>,
+    #[serde(default)]
+    pub loras: Vec<(String, f64)>,
+}
+
+/// One ControlNet of a case: its folder and image (relative to the fixture), scale and window.
+#[derive(Debug, serde::Deserialize)]
+pub struct CaseControl {
+    pub net: String,
+    pub image: String,
+    pub scale: f64,
+    pub start: f64,
+    pub end: f64,
+}
+
+fn euler() -> String {
+    "euler".to_owned()
+}
+
+impl CaseParams {
+    /// Reads `case/params.json`.
+    pub fn read(case: &Path) -> CaseParams {
+        serde_json::from_str(&std::fs::read_to_string(case.join("params.json")).unwrap()).unwrap()
+    }
+}
+
+/// `darkroom-sdxl` on `fixture/model` with the case's prompts, size, steps, guidance, seed and
+/// scheduler, on the CPU, writing `out`; the caller adds the rest (init image, LoRAs…).
+pub fn sdxl_command(fixture: &Path, params: &CaseParams, out: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_darkroom-sdxl"));
+    command
+        .args(["--model".as_ref(), fixture.join("model").as_os_str()])
+        .args(["--prompt", &params.prompt])
+        .args(["--negative-prompt", &params.negative_prompt])
+        .args(["--width", &params.width.to_string()])
+        .args(["--height", &params.height.to_string()])
+        .args(["--steps", &params.steps.to_string()])
+        .args(["--guidance", &params.guidance.to_string()])
+        .args(["--seed", &params.seed.to_string()])
+        .args(["--scheduler", &params.scheduler, "--device", "cpu"])
+        .args(["--out".as_ref(), out.as_os_str()]);
+    command
+}
