@@ -356,23 +356,12 @@ async fn heard(subscriber: &mut Subscriber) -> Vec<async_nats::Message> {
 }
 
 /// Polls `probe` until `done` holds (or panics after [`WAIT`]).
-async fn wait_for<T, F, Fut>(mut probe: F, done: impl Fn(&T) -> bool) -> T
+async fn wait_for<T, F, Fut>(probe: F, done: impl Fn(&T) -> bool) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let value = probe().await;
-        if done(&value) {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    darkroom_tests::wait_for(WAIT, probe, done).await
 }
 
 fn upload(name: &str) -> ObjectRef {

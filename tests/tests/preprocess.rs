@@ -368,23 +368,12 @@ impl Stack {
 }
 
 /// Polls `probe` until `done` holds (or panics after [`WAIT`]).
-async fn wait_for<T, F, Fut>(mut probe: F, done: impl Fn(&T) -> bool) -> T
+async fn wait_for<T, F, Fut>(probe: F, done: impl Fn(&T) -> bool) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,
 {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let value = probe().await;
-        if done(&value) {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {WAIT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    darkroom_tests::wait_for(WAIT, probe, done).await
 }
 
 /// Checks what a queued job left behind: the job, `queued`, the files, the record.
