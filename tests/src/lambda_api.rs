@@ -42,6 +42,49 @@ impl RuntimeApi {
         });
         (addr, task)
     }
+
+    /// This test binary again, running only its ignored test `lambda_child` with `child_env`
+    /// set to 1, as Lambda runs a function: the Runtime API at `addr`, the function's name and
+    /// memory. The caller adds the function's own configuration and spawns it.
+    pub fn child_command(
+        addr: SocketAddr,
+        function: &str,
+        memory_mb: u32,
+        child_env: &str,
+    ) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["--exact", "lambda_child", "--ignored", "--nocapture"])
+            .env_remove("DARKROOM_CONFIG")
+            .env(child_env, "1")
+            .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
+            .env("AWS_LAMBDA_FUNCTION_NAME", function)
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", memory_mb.to_string())
+            .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+            // The child's test-harness chatter; its logs go to stderr.
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Waits up to `timeout` for the function's answer and asserts it was the response
+    /// `{"status": "ok"}` to the one invocation.
+    pub async fn assert_answered_ok(&self, timeout: std::time::Duration) {
+        let responses = crate::wait_for(
+            timeout,
+            || async { self.responses.lock().await.clone() },
+            |r| !r.is_empty(),
+        )
+        .await;
+        assert_eq!(
+            responses[0],
+            (
+                "req-1".to_owned(),
+                "response".to_owned(),
+                serde_json::json!({"status": "ok"})
+            )
+        );
+    }
 }
 
 async fn next(State(api): State<Arc<RuntimeApi>>) -> (HeaderMap, String) {

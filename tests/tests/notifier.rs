@@ -923,39 +923,16 @@ async fn lambda_runtime_serves_the_handler() {
     // This test binary again, running only `lambda_child`, which serves the handler with
     // `darkroom-notifier lambda`'s code under the Lambda environment set here; the loopback
     // allowance comes from the environment, as an operator would give it.
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "lambda_child", "--ignored", "--nocapture"])
-        .env_remove("DARKROOM_CONFIG")
-        .env(LAMBDA_CHILD_ENV, "1")
-        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "darkroom-notifier")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+    let mut child = RuntimeApi::child_command(addr, "darkroom-notifier", 256, LAMBDA_CHILD_ENV)
         .env("DARKROOM_NATS_URL", stack.nats.url())
         .env(
             "DARKROOM_NOTIFIER_ENDPOINTS_FILE",
             config.notifier_endpoints_file.as_ref().unwrap(),
         )
         .env("DARKROOM_NOTIFIER_ALLOW_NETWORKS", "[loopback]")
-        // The child's test-harness chatter; its logs go to stderr.
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
-
-    let responses = wait_for(
-        || async { api.responses.lock().await.clone() },
-        |r| !r.is_empty(),
-    )
-    .await;
-    assert_eq!(
-        responses[0],
-        (
-            "req-1".to_owned(),
-            "response".to_owned(),
-            json!({"status": "ok"})
-        )
-    );
+    api.assert_answered_ok(WAIT).await;
     let requests = receiver.wait_for_requests(1).await;
     independent_verify(SECRET_OLD, &requests[0], &requests[0].body, now()).unwrap();
     assert_eq!(heard(&mut per_job).await.len(), 1);

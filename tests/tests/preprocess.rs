@@ -744,38 +744,15 @@ async fn lambda_runtime_serves_the_handler() {
     // This test binary again, running only `lambda_child`, which serves the handler with
     // `darkroom-preprocess lambda`'s code under the Lambda environment set here.
     let config = stack.config();
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "lambda_child", "--ignored", "--nocapture"])
-        .env_remove("DARKROOM_CONFIG")
-        .env(LAMBDA_CHILD_ENV, "1")
-        .env("AWS_LAMBDA_RUNTIME_API", addr.to_string())
-        .env("AWS_LAMBDA_FUNCTION_NAME", "darkroom-preprocess")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "1024")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+    let mut child = RuntimeApi::child_command(addr, "darkroom-preprocess", 1024, LAMBDA_CHILD_ENV)
         .env("DARKROOM_NATS_URL", &config.runtime.nats_url)
         .env("DARKROOM_S3_ENDPOINT", stack.s3.endpoint())
         .env("DARKROOM_S3_ACCESS_KEY_ID", stack.s3.access_key())
         .env("DARKROOM_S3_SECRET_ACCESS_KEY", stack.s3.secret_key())
         .env("DARKROOM_BUCKET", BUCKET)
-        // The child's test-harness chatter; its logs go to stderr.
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
-
-    let responses = wait_for(
-        || async { api.responses.lock().await.clone() },
-        |r| !r.is_empty(),
-    )
-    .await;
-    assert_eq!(
-        responses[0],
-        (
-            "req-1".to_owned(),
-            "response".to_owned(),
-            json!({"status": "ok"})
-        )
-    );
+    api.assert_answered_ok(WAIT).await;
     assert_queued(&stack, &object).await;
     child.kill().await.unwrap();
     server.abort();
