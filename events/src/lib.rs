@@ -27,8 +27,8 @@ pub use job::{
     ToneParams,
 };
 pub use lifecycle::{
-    FailureReason, JobCompleted, JobFailed, JobProgress, JobQueued, JobStarted, LifecycleEvent,
-    LifecycleKind, Stage,
+    AdapterUsed, FailureReason, JobCompleted, JobFailed, JobProgress, JobQueued, JobStarted,
+    LifecycleEvent, LifecycleKind, ModelUsed, Stage, StageTimings,
 };
 pub use s3::{S3EventRecord, S3Message, S3Notification};
 

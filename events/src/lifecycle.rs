@@ -156,7 +156,7 @@ pub struct JobProgress {
 }
 
 /// The result is stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct JobCompleted {
     /// The job.
     pub job_id: JobId,
@@ -166,12 +166,86 @@ pub struct JobCompleted {
     pub preset: String,
     /// The result image (`outputs/<job>/result.png`).
     pub result: ObjectRef,
-    /// Metadata of the render (`outputs/<job>/metadata.json`).
+    /// The render's record (`outputs/<job>/job.json`): the job, these fields and the
+    /// resolved render parameters.
     pub metadata: ObjectRef,
-    /// Time from upload event to completion, in milliseconds.
+    /// Seed of the initial noise; the same seed, model and parameters give the same picture.
+    pub seed: u64,
+    /// The base model.
+    pub model: ModelUsed,
+    /// LoRAs fused for the render, in order (empty when none).
+    #[serde(default)]
+    pub loras: Vec<AdapterUsed>,
+    /// ControlNets that steered it (empty when none).
+    #[serde(default)]
+    pub controlnets: Vec<AdapterUsed>,
+    /// The worker that rendered it.
+    pub worker: String,
+    /// Delivery attempt that completed it, from 1.
+    pub attempt: u32,
+    /// Time from the upload's event to completion, in milliseconds.
     pub total_ms: u64,
-    /// Time spent rendering, in milliseconds.
+    /// Time the worker spent on the job, in milliseconds (the sum of `timings`).
     pub inference_ms: u64,
+    /// Where the worker's time went.
+    pub timings: StageTimings,
+}
+
+/// The base model a job was rendered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ModelUsed {
+    /// The model's name: its folder or file name.
+    pub name: String,
+    /// SHA-256 (lower-case hex) of the weights: of the file for a single-file checkpoint; for a
+    /// diffusers folder, of the lines `<sha256>  <relative path>\n` of every weights file read,
+    /// sorted by path (what `sha256sum` prints, sorted).
+    pub sha256: String,
+}
+
+/// A LoRA or ControlNet used in a render.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AdapterUsed {
+    /// The name the job gave (a LoRA file name, a ControlNet folder name).
+    pub name: String,
+    /// SHA-256 (lower-case hex) of its weights file.
+    pub sha256: String,
+    /// Its scale (LoRA weight or ControlNet conditioning scale).
+    pub weight: f64,
+}
+
+/// Milliseconds per stage of the worker's part of a job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StageTimings {
+    /// Fetching the prepared input and control images.
+    pub fetch_ms: u64,
+    /// Switching LoRAs and loading ControlNets not yet cached.
+    pub adapters_ms: u64,
+    /// Encoding the prompt.
+    pub text_ms: u64,
+    /// VAE encode, noising and control images.
+    pub prepare_ms: u64,
+    /// The denoising loop.
+    pub denoise_ms: u64,
+    /// VAE decode.
+    pub decode_ms: u64,
+    /// Tone grading and PNG encoding.
+    pub finish_ms: u64,
+    /// Storing the result and its record.
+    pub store_ms: u64,
+}
+
+impl StageTimings {
+    /// The sum of the stages.
+    pub fn total_ms(&self) -> u64 {
+        self.fetch_ms
+            + self.adapters_ms
+            + self.text_ms
+            + self.prepare_ms
+            + self.denoise_ms
+            + self.decode_ms
+            + self.finish_ms
+            + self.store_ms
+    }
 }
 
 /// The job failed for good; it will not be retried.

@@ -7,14 +7,13 @@ use darkroom_events::s3::{S3Message, parse_s3_message};
 use darkroom_events::subjects;
 use darkroom_events::{CloudEvent, JobFailed, JobQueued};
 use darkroom_shared::RuntimeConfig;
-use darkroom_shared::topology::Topology;
 use futures::StreamExt;
 
 /// Ensures every stream, consumer and KV bucket, and the S3 bucket.
 pub async fn provision(config: &RuntimeConfig) -> anyhow::Result<()> {
     let nats = darkroom_shared::nats::connect(config, "darkroom-dev").await?;
     let js = async_nats::jetstream::new(nats);
-    Topology::default().ensure(&js).await?;
+    config.topology().ensure(&js).await?;
     let s3 = darkroom_shared::s3::client(config).await;
     darkroom_shared::s3::ensure_bucket(&s3, &config.bucket).await?;
     println!(

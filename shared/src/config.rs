@@ -17,12 +17,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::topology::Topology;
 use crate::{Result, RuntimeError};
 
 /// Environment variable naming an optional TOML config file.
@@ -63,6 +65,14 @@ pub struct RuntimeConfig {
     pub log_filter: String,
     /// Address to serve Prometheus metrics on (`/metrics`); none by default.
     pub metrics_addr: Option<SocketAddr>,
+    /// Replicas of every stream and KV bucket (default 1; 3 on a NATS cluster).
+    pub jetstream_replicas: usize,
+    /// Seconds a consumer waits for an ack before redelivering (default 60); workers send
+    /// in-progress acks every third of it, so a long job is never redelivered while its worker
+    /// lives, and a dead worker's job is redelivered after this long.
+    pub ack_wait_secs: f64,
+    /// Deliveries before a message is dead-lettered (default 5).
+    pub max_deliver: i64,
 }
 
 impl Default for RuntimeConfig {
@@ -82,6 +92,24 @@ impl Default for RuntimeConfig {
             log_format: LogFormat::Text,
             log_filter: "info,async_nats=warn".to_owned(),
             metrics_addr: None,
+            jetstream_replicas: 1,
+            ack_wait_secs: 60.0,
+            max_deliver: 5,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// The JetStream topology these settings describe: [`Topology::default`] with the replica
+    /// count, AckWait and MaxDeliver set here.
+    pub fn topology(&self) -> Topology {
+        Topology {
+            replicas: self.jetstream_replicas.max(1),
+            ack_wait: Duration::try_from_secs_f64(self.ack_wait_secs)
+                .unwrap_or(Duration::from_secs(60))
+                .max(Duration::from_millis(100)),
+            max_deliver: self.max_deliver.max(1),
+            ..Topology::default()
         }
     }
 }

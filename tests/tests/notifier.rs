@@ -18,7 +18,8 @@ use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use darkroom_events::subjects::{self, headers};
 use darkroom_events::{
-    CloudEvent, JobCompleted, JobId, JobStarted, LifecycleEvent, LifecycleKind, ObjectRef,
+    AdapterUsed, CloudEvent, JobCompleted, JobId, JobStarted, LifecycleEvent, LifecycleKind,
+    ModelUsed, ObjectRef, StageTimings,
 };
 use darkroom_notifier::config::NotifierConfig;
 use darkroom_notifier::handler::{DeliveryOutcome, NotifierHandler};
@@ -380,8 +381,31 @@ fn completed(source: &ObjectRef) -> JobCompleted {
         preset: "profile-warm".to_owned(),
         result: ObjectRef::new(BUCKET, format!("outputs/{job_id}/result.png")),
         metadata: ObjectRef::new(BUCKET, format!("outputs/{job_id}/job.json")),
-        total_ms: 1500,
-        inference_ms: 1200,
+        seed: 4_242_424_242,
+        model: ModelUsed {
+            name: "sdxl-base-1.0".to_owned(),
+            sha256: "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b".to_owned(),
+        },
+        loras: Vec::new(),
+        controlnets: vec![AdapterUsed {
+            name: "controlnet-canny-sdxl-1.0".to_owned(),
+            sha256: "a8b4ec8d2d4ab4c1eaa1d6d4dc3f50a8a9bbbe4f6a5d4c8c86b2e2fb0a1e1b7c".to_owned(),
+            weight: 0.6,
+        }],
+        worker: "gpu-0".to_owned(),
+        attempt: 1,
+        total_ms: 14_250,
+        inference_ms: 9_870,
+        timings: StageTimings {
+            fetch_ms: 40,
+            adapters_ms: 0,
+            text_ms: 30,
+            prepare_ms: 120,
+            denoise_ms: 9_200,
+            decode_ms: 300,
+            finish_ms: 130,
+            store_ms: 50,
+        },
     }
 }
 

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use darkroom_events::job::{ControlImage, ControlNetParams, RenderParams, ToneParams};
 use darkroom_events::{
-    CloudEvent, EventData, FailureReason, InferenceJob, JobCompleted, JobFailed, JobId,
-    JobProgress, JobQueued, JobStarted, LifecycleEvent, ObjectRef, Stage,
+    AdapterUsed, CloudEvent, EventData, FailureReason, InferenceJob, JobCompleted, JobFailed,
+    JobId, JobProgress, JobQueued, JobStarted, LifecycleEvent, ModelUsed, ObjectRef, Stage,
+    StageTimings,
 };
 
 /// `events/tests/fixtures/<name>`.
@@ -111,9 +112,32 @@ pub fn completed() -> JobCompleted {
             size: Some(1_804_220),
             ..ObjectRef::new("photos", format!("outputs/{job}/result.png"))
         },
-        metadata: ObjectRef::new("photos", format!("outputs/{job}/metadata.json")),
+        metadata: ObjectRef::new("photos", format!("outputs/{job}/job.json")),
+        seed: 4_242_424_242,
+        model: ModelUsed {
+            name: "sdxl-base-1.0".to_owned(),
+            sha256: "31e35c80fc4829d14f90153f4c74cd59c90b779f6afe05a74cd6120b893f7e5b".to_owned(),
+        },
+        loras: Vec::new(),
+        controlnets: vec![AdapterUsed {
+            name: "controlnet-canny-sdxl-1.0".to_owned(),
+            sha256: "a8b4ec8d2d4ab4c1eaa1d6d4dc3f50a8a9bbbe4f6a5d4c8c86b2e2fb0a1e1b7c".to_owned(),
+            weight: 0.6,
+        }],
+        worker: "gpu-0".to_owned(),
+        attempt: 1,
         total_ms: 14_250,
         inference_ms: 9_870,
+        timings: StageTimings {
+            fetch_ms: 40,
+            adapters_ms: 0,
+            text_ms: 30,
+            prepare_ms: 120,
+            denoise_ms: 9_200,
+            decode_ms: 300,
+            finish_ms: 130,
+            store_ms: 50,
+        },
     }
 }
 

@@ -23,7 +23,6 @@ use std::time::Duration;
 use darkroom_shared::RuntimeConfig;
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::Publisher;
-use darkroom_shared::topology::Topology;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -118,7 +117,7 @@ pub async fn serve(
 pub async fn connect(config: &IngestConfig) -> Result<UploadRelay> {
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-ingest").await?;
     let js = async_nats::jetstream::new(nats);
-    Topology::default().ensure(&js).await?;
+    config.runtime.topology().ensure(&js).await?;
     Ok(UploadRelay::new(
         Publisher::new(js.clone(), "/darkroom/ingest"),
         JobStore::open(&js).await?,

@@ -8,7 +8,6 @@ use darkroom_shared::consumer::{self, ConsumerSettings};
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::lambda::LambdaError;
 use darkroom_shared::publish::Publisher;
-use darkroom_shared::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::NotifierConfig;
@@ -35,7 +34,7 @@ pub async fn connect(config: &NotifierConfig) -> anyhow::Result<NotifierHandler>
     let sender = WebhookSender::new(&registry, config.limits())?;
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-notifier").await?;
     let js = async_nats::jetstream::new(nats);
-    Topology::default().ensure(&js).await?;
+    config.runtime.topology().ensure(&js).await?;
     let jobs = JobStore::open(&js).await?;
     let ledger = Ledger::open(&js).await?;
     Ok(NotifierHandler::new(
@@ -56,7 +55,7 @@ pub async fn connect(config: &NotifierConfig) -> anyhow::Result<NotifierHandler>
 pub async fn serve(config: NotifierConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler = Arc::new(connect(&config).await?);
     let settings = ConsumerSettings::new(
-        &Topology::default(),
+        &config.runtime.topology(),
         subjects::EVENTS_STREAM,
         subjects::consumers::NOTIFIER,
     );

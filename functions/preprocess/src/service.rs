@@ -8,7 +8,6 @@ use darkroom_shared::consumer::{self, ConsumerSettings};
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::lambda::LambdaError;
 use darkroom_shared::publish::Publisher;
-use darkroom_shared::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PreprocessConfig;
@@ -33,7 +32,7 @@ pub async fn connect(config: &PreprocessConfig) -> anyhow::Result<PreprocessHand
     }
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-preprocess").await?;
     let js = async_nats::jetstream::new(nats);
-    Topology::default().ensure(&js).await?;
+    config.runtime.topology().ensure(&js).await?;
     let jobs = JobStore::open(&js).await?;
     let s3 = darkroom_shared::s3::client(&config.runtime).await;
     Ok(PreprocessHandler::new(
@@ -53,7 +52,7 @@ pub async fn serve(config: PreprocessConfig, shutdown: CancellationToken) -> any
     let handler = connect(&config).await?;
     let publisher = handler.publisher().clone();
     let settings = ConsumerSettings::new(
-        &Topology::default(),
+        &config.runtime.topology(),
         subjects::UPLOADS_STREAM,
         subjects::consumers::PREPROCESS,
     );
