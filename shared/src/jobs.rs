@@ -43,6 +43,15 @@ pub struct JobRecord {
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureReason>,
+    /// The worker rendering or having rendered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Deliveries of its inference job so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// The result image, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ObjectRef>,
 }
 
 impl JobRecord {
@@ -57,6 +66,9 @@ impl JobRecord {
             created_at: now,
             updated_at: now,
             failure: None,
+            worker: None,
+            attempts: None,
+            result: None,
         }
     }
 }
@@ -103,6 +115,45 @@ impl JobStore {
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
             Err(e) => Err(RuntimeError::jetstream(format!("create job {key}"), e)),
         }
+    }
+
+    /// Changes the job's record with compare-and-set, retrying when another writer got in
+    /// between (ingest creating it, preprocess queueing it, a worker moving it on). A missing
+    /// record starts as [`JobRecord::received`] from `source`. `change` edits the record and
+    /// answers whether to store it (`false` leaves it as it is, e.g. a status that would move
+    /// backwards); `updated_at` is set on every stored change. Returns the record as it stands.
+    pub async fn transition(
+        &self,
+        job: JobId,
+        source: &ObjectRef,
+        change: impl Fn(&mut JobRecord) -> bool,
+    ) -> Result<JobRecord> {
+        for _ in 0..8 {
+            match self.get(job).await? {
+                None => {
+                    let mut record = JobRecord::received(job, source.clone());
+                    if !change(&mut record) {
+                        return Ok(record);
+                    }
+                    if self.create(&record).await? {
+                        return Ok(record);
+                    }
+                }
+                Some((mut record, revision)) => {
+                    if !change(&mut record) {
+                        return Ok(record);
+                    }
+                    record.updated_at = Utc::now();
+                    if self.update(&record, revision).await? {
+                        return Ok(record);
+                    }
+                }
+            }
+        }
+        Err(RuntimeError::jetstream(
+            format!("update job {job}"),
+            "the record kept changing under us",
+        ))
     }
 
     /// Replaces the record if it is still at `revision` (compare-and-set); `false` if it moved on.

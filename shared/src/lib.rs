@@ -3,7 +3,8 @@
 //! - [`config`]: settings from the environment (`DARKROOM_*`) and an optional TOML file;
 //! - [`nats`] and [`topology`]: the connection and every stream, consumer and KV bucket,
 //!   ensured idempotently;
-//! - [`s3`]: an S3 client for AWS or any endpoint (path style);
+//! - [`s3`]: an S3 client for AWS or any endpoint (path style), and [`fetch`]: objects read
+//!   without trusting their size;
 //! - [`handler`]: what a function implements, and how its errors map to acknowledgements;
 //! - [`consumer`]: the JetStream pull loop that drives a handler;
 //! - [`lambda`]: the same handler on AWS Lambda;
@@ -14,6 +15,7 @@
 
 pub mod config;
 pub mod consumer;
+pub mod fetch;
 pub mod handler;
 pub mod jobs;
 pub mod lambda;

@@ -102,6 +102,14 @@ pub enum EngineError {
     /// retryable.
     #[error(transparent)]
     Lora(#[from] lora::LoraError),
+    /// The caller stopped a generation between two denoising steps.
+    #[error("stopped after step {step} of {steps}")]
+    Stopped {
+        /// Steps done.
+        step: usize,
+        /// Steps the generation would have run.
+        steps: usize,
+    },
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -474,6 +475,20 @@ impl SdxlPipeline {
         request: &GenerateRequest,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Generated> {
+        self.generate_until(request, &mut |done, total| {
+            on_step(done, total);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// [`generate`](Self::generate) that can be stopped: when `on_step(done, total)` answers
+    /// [`ControlFlow::Break`] after a step, the generation ends there with
+    /// [`EngineError::Stopped`] (a long-lived worker cancelling a job between steps).
+    pub fn generate_until(
+        &self,
+        request: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Generated> {
         // A panic elsewhere cannot leave the generator in a state a new seed would not reset.
         let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
         tch::no_grad(|| self.generate_inner(request, on_step))
@@ -482,7 +497,7 @@ impl SdxlPipeline {
     fn generate_inner(
         &self,
         request: &GenerateRequest,
-        on_step: &mut dyn FnMut(usize, usize),
+        on_step: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Generated> {
         let mut timings = Timings::default();
         let guided = request.guidance > 1.0;
@@ -603,7 +618,12 @@ impl SdxlPipeline {
                 .needs_step_noise()
                 .then(|| step_noise_like(&prediction));
             latents = scheduler.step(&prediction, index, &latents, noise.as_ref())?;
-            on_step(done + 1, total);
+            if on_step(done + 1, total).is_break() {
+                return Err(EngineError::Stopped {
+                    step: done + 1,
+                    steps: total,
+                });
+            }
         }
         timings.steps = total;
         timings.denoise = started.elapsed();

@@ -153,3 +153,40 @@ fn a_missing_model_is_a_typed_error() {
         "{error}"
     );
 }
+
+#[test]
+fn a_generation_stops_between_steps_when_asked() {
+    let fixture = common::fixture("pipeline", &[]);
+    let pipeline =
+        SdxlPipeline::load(&fixture.join("model"), None, Device::Cpu, DType::F32).unwrap();
+    let request = GenerateRequest {
+        prompt: "a lighthouse".to_owned(),
+        width: 64,
+        height: 64,
+        steps: 5,
+        ..GenerateRequest::default()
+    };
+    let mut seen = Vec::new();
+    let error = pipeline
+        .generate_until(&request, &mut |done, total| {
+            seen.push((done, total));
+            if done == 2 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            darkroom_inference::EngineError::Stopped { step: 2, steps: 5 }
+        ),
+        "{error}"
+    );
+    assert_eq!(seen, [(1, 5), (2, 5)]);
+    // The pipeline serves the next request as if nothing happened.
+    let mut steps = 0;
+    pipeline.generate(&request, &mut |_, _| steps += 1).unwrap();
+    assert_eq!(steps, 5);
+}

@@ -7,7 +7,7 @@
 //!
 //! 1. **identify**: the job id from bucket, key and ETag (a HEAD supplies a missing ETag);
 //!    a job whose record says `queued` or further along is done: nothing is redone;
-//! 2. **fetch** ([`crate::fetch`]): HEAD, refuse over the byte limit, streamed GET with a cap;
+//! 2. **fetch** ([`darkroom_shared::fetch`]): HEAD, refuse over the byte limit, streamed GET with a cap;
 //! 3. **resolve** the preset ([`crate::job`]): metadata, then key, then the default;
 //! 4. **prepare** ([`crate::prepare`]) on a blocking thread, and encode the PNGs;
 //! 5. **store** `work/<job>/input.png` and `work/<job>/control-<kind>.png`;
@@ -37,15 +37,15 @@ use darkroom_events::subjects::INFERENCE_JOBS_SUBJECT;
 use darkroom_events::{
     CloudEvent, FailureReason, JobFailed, JobId, JobQueued, ObjectRef, S3EventRecord, Stage,
 };
-use darkroom_shared::jobs::{JobRecord, JobStatus, JobStore};
+use darkroom_shared::jobs::{JobStatus, JobStore};
 use darkroom_shared::preset::PresetLibrary;
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::telemetry::TraceParent;
 use darkroom_shared::{Delivery, Handler, HandlerError, JobContext, RuntimeError};
 
 use crate::config::PreprocessConfig;
-use crate::fetch::{self, FetchError};
 use crate::job::{self, JobError, JobOutput};
+use darkroom_shared::fetch::{self, FetchError};
 
 /// The CloudEvents `source` of everything preprocess publishes.
 pub const SOURCE: &str = "/darkroom/preprocess";
@@ -339,39 +339,20 @@ impl PreprocessHandler {
         let Some(source) = &job.source else {
             return Ok(());
         };
-        // Compare-and-set against concurrent writers (ingest creating it, inference moving it
-        // on); a few rounds settle any race.
-        for _ in 0..5 {
-            match self.jobs.get(job.job_id).await? {
-                None => {
-                    let mut record = JobRecord::received(job.job_id, source.clone());
-                    record.status = status;
+        self.jobs
+            .transition(job.job_id, source, |record| {
+                if !advances(record.status, status) {
+                    return false;
+                }
+                record.status = status;
+                if preset.is_some() {
                     record.preset = preset.map(str::to_owned);
-                    record.failure = failure;
-                    if self.jobs.create(&record).await? {
-                        return Ok(());
-                    }
                 }
-                Some((mut record, revision)) => {
-                    if !advances(record.status, status) {
-                        return Ok(());
-                    }
-                    record.status = status;
-                    if preset.is_some() {
-                        record.preset = preset.map(str::to_owned);
-                    }
-                    record.failure = failure;
-                    record.updated_at = chrono::Utc::now();
-                    if self.jobs.update(&record, revision).await? {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        Err(RuntimeError::jetstream(
-            format!("update job {}", job.job_id),
-            "the record kept changing under us",
-        ))
+                record.failure = failure;
+                true
+            })
+            .await?;
+        Ok(())
     }
 
     /// Publishes `failed` for a record whose permanent error is not the one returned to the

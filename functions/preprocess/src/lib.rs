@@ -40,7 +40,7 @@
 //!
 //! **The function** wraps it (the crate's `README.md` has the operator's view):
 //!
-//! - [`fetch`]: HEAD and a capped, streamed GET from S3;
+//! - `darkroom_shared::fetch`: HEAD and a capped, streamed GET from S3;
 //! - [`job`]: preset resolution, pipeline options, the files and the `InferenceJob`;
 //! - [`handler`]: the shared `Handler` for S3 upload events (NATS loop and Lambda alike);
 //! - [`service`]: connecting and running it; [`local`]: the same on a local file;
@@ -52,7 +52,6 @@ pub mod color;
 pub mod config;
 pub mod decode;
 pub mod face;
-pub mod fetch;
 pub mod frame;
 pub mod handler;
 pub mod job;

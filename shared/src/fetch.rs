@@ -1,6 +1,7 @@
-//! Step 0: fetch the upload from S3 without trusting its size.
+//! Fetching objects from S3 without trusting their size (uploads in preprocess, prepared
+//! inputs in inference).
 //!
-//! [`head`] reads the object's size, ETag and metadata; the handler refuses an object over
+//! [`head`] reads the object's size, ETag and metadata; a handler refuses an object over
 //! the byte limit right there, before a single byte of it is downloaded. [`get_capped`] then
 //! streams the body and stops as soon as it holds more than the limit, whatever the
 //! `Content-Length` or the HEAD said (the object may have been replaced in between, or a
