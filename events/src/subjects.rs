@@ -91,6 +91,12 @@ pub fn notify_job_subject(job: JobId, kind: LifecycleKind) -> String {
     format!("{NOTIFY_ROOT}job.{job}.{}", kind.as_str())
 }
 
+/// Wildcard for every notification of one job: `darkroom.notify.job.<job>.>` (pass it to
+/// [`notify_stored_subject`] to consume [`NOTIFY_STREAM`] instead).
+pub fn notify_job_filter(job: JobId) -> String {
+    format!("{NOTIFY_ROOT}job.{job}.>")
+}
+
 /// Notification subject of an event about an upload `key` in `bucket`:
 /// `darkroom.notify.bucket.<bucket>.<folder>….<kind>`, one [`subject_token`] per folder of the
 /// key (the file name itself is not a token), at most [`NOTIFY_MAX_FOLDERS`] of them.
@@ -274,6 +280,12 @@ mod tests {
             format!("darkroom.fanout.job.{job}.progress")
         );
         assert_eq!(notify_stored_subject("darkroom.events.x"), None);
+        let filter = notify_job_filter(job);
+        assert!(live.starts_with(filter.trim_end_matches('>')));
+        assert_eq!(
+            notify_stored_subject(&filter).unwrap(),
+            format!("darkroom.fanout.job.{job}.>")
+        );
     }
 
     #[test]

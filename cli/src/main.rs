@@ -1,0 +1,5 @@
+//! The `darkroom` program; everything is in the library (`darkroom_cli`).
+
+fn main() -> std::process::ExitCode {
+    darkroom_cli::main()
+}
