@@ -185,7 +185,8 @@ pub struct JobCompleted {
     pub attempt: u32,
     /// Time from the upload's event to completion, in milliseconds.
     pub total_ms: u64,
-    /// Time the worker spent on the job, in milliseconds (the sum of `timings`).
+    /// Time the worker spent on the job, in milliseconds: from picking it up to storing the
+    /// result (about the sum of `timings`).
     pub inference_ms: u64,
     /// Where the worker's time went.
     pub timings: StageTimings,

@@ -34,6 +34,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 pub mod lambda_api;
+pub mod webhook;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
@@ -890,6 +891,36 @@ fn toml_string(value: &str) -> String {
     }
     quoted.push('"');
     quoted
+}
+
+/// Every message in `stream`, oldest first, without consuming any.
+///
+/// # Panics
+/// When the stream cannot be read.
+pub async fn stream_messages(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let stream = js
+        .get_stream(stream)
+        .await
+        .unwrap_or_else(|e| panic!("open stream {stream}: {e}"));
+    let state = stream
+        .get_info()
+        .await
+        .unwrap_or_else(|e| panic!("stream info: {e}"))
+        .state;
+    let mut messages = Vec::new();
+    if state.messages == 0 {
+        return messages;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        // Deleted sequences (acknowledged work-queue messages) are skipped.
+        if let Ok(message) = stream.get_raw_message(sequence).await {
+            messages.push(message);
+        }
+    }
+    messages
 }
 
 /// Polls `probe` every 50 ms until `done` holds, and returns that value.

@@ -6,10 +6,8 @@
 //! child process).
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::{HeaderMap, Subscriber};
@@ -31,6 +29,7 @@ use darkroom_shared::jobs::{JobRecord, JobStore};
 use darkroom_shared::publish::Publisher;
 use darkroom_tests::NatsServer;
 use darkroom_tests::lambda_api::RuntimeApi;
+use darkroom_tests::webhook::{Received, Receiver, Reply, status};
 use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -83,114 +82,6 @@ fn independent_verify(
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
-}
-
-// ---------------------------------------------------------------------------------------------
-// A scripted webhook receiver.
-
-/// One answer of the receiver.
-#[derive(Clone)]
-struct Reply {
-    status: u16,
-    retry_after: Option<&'static str>,
-}
-
-fn status(status: u16) -> Reply {
-    Reply {
-        status,
-        retry_after: None,
-    }
-}
-
-/// One request the receiver got.
-#[derive(Clone, Debug)]
-struct Received {
-    headers: HashMap<String, String>,
-    body: Bytes,
-    at: Instant,
-}
-
-impl Received {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-}
-
-#[derive(Default)]
-struct ReceiverState {
-    script: Mutex<VecDeque<Reply>>,
-    received: Mutex<Vec<Received>>,
-}
-
-/// An HTTP server on 127.0.0.1 answering from a script (200 once it runs out).
-struct Receiver {
-    addr: SocketAddr,
-    state: Arc<ReceiverState>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Receiver {
-    async fn start(script: Vec<Reply>) -> Self {
-        use axum::extract::State;
-        use axum::http::{HeaderMap as HttpHeaders, StatusCode};
-        use axum::response::IntoResponse;
-
-        async fn hook(
-            State(state): State<Arc<ReceiverState>>,
-            headers: HttpHeaders,
-            body: Bytes,
-        ) -> axum::response::Response {
-            let reply = state
-                .script
-                .lock()
-                .unwrap()
-                .pop_front()
-                .unwrap_or(status(200));
-            state.received.lock().unwrap().push(Received {
-                headers: headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-                    .collect(),
-                body,
-                at: Instant::now(),
-            });
-            let code = StatusCode::from_u16(reply.status).unwrap();
-            match reply.retry_after {
-                Some(after) => (code, [("retry-after", after)], "scripted").into_response(),
-                None => (code, "scripted").into_response(),
-            }
-        }
-
-        let state = Arc::new(ReceiverState::default());
-        state.script.lock().unwrap().extend(script);
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(hook))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
-        Receiver { addr, state, task }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.state.received.lock().unwrap().clone()
-    }
-
-    async fn wait_for_requests(&self, count: usize) -> Vec<Received> {
-        wait_for(|| async { self.received() }, |r| r.len() >= count).await
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

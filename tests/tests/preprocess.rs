@@ -17,10 +17,10 @@ use darkroom_events::{
     CloudEvent, InferenceJob, JobFailed, JobId, JobQueued, ObjectRef, S3EventRecord, S3Notification,
 };
 use darkroom_preprocess::config::PreprocessConfig;
-use darkroom_preprocess::fetch::{self, FetchError};
 use darkroom_preprocess::handler::{PreprocessHandler, SOURCE};
 use darkroom_shared::RuntimeConfig;
 use darkroom_shared::consumer::{self, ConsumerSettings};
+use darkroom_shared::fetch::{self, FetchError};
 use darkroom_shared::jobs::{JobStatus, JobStore};
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::topology::Topology;

@@ -44,3 +44,73 @@ where
     );
     output.stdout
 }
+
+static GENERATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `<reference_dir>/<script>.py --out DIR ARGS…` unless its output is cached, and returns
+/// DIR: `<target>/darkroom-fixtures/<script>-<hash>`, the hash over every `.py` script of
+/// `reference_dir` but `exclude` (scripts import each other), the script name and the arguments.
+/// Generated into a scratch folder and renamed, so no test ever sees half a fixture.
+///
+/// # Panics
+/// When the scripts cannot be read or the script fails.
+pub fn fixture(reference_dir: &Path, script: &str, args: &[&str], exclude: &[&str]) -> PathBuf {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+
+    let mut hasher = DefaultHasher::new();
+    let mut scripts: Vec<PathBuf> = std::fs::read_dir(reference_dir)
+        .unwrap_or_else(|e| panic!("list {}: {e}", reference_dir.display()))
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "py"))
+        .filter(|path| {
+            !exclude
+                .iter()
+                .any(|name| path.file_name().is_some_and(|file| file == *name))
+        })
+        .collect();
+    scripts.sort();
+    for path in &scripts {
+        std::fs::read(path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+            .hash(&mut hasher);
+    }
+    script.hash(&mut hasher);
+    args.hash(&mut hasher);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let dir = target
+        .join("darkroom-fixtures")
+        .join(format!("{script}-{:016x}", hasher.finish()));
+    let done = dir.join(".done");
+    let _guard = GENERATING.lock().unwrap_or_else(|e| e.into_inner());
+    if done.exists() {
+        return dir;
+    }
+    let scratch = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let mut script_args = vec![std::ffi::OsString::from("--out"), scratch.clone().into()];
+    script_args.extend(args.iter().map(std::ffi::OsString::from));
+    run_script(&reference_dir.join(format!("{script}.py")), &script_args);
+    std::fs::write(scratch.join(".done"), b"")
+        .unwrap_or_else(|e| panic!("write {}: {e}", scratch.display()));
+    if std::fs::rename(&scratch, &dir).is_err() {
+        // Another test binary finished the same fixture first.
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
+    assert!(
+        done.exists(),
+        "fixture {} missing after generation",
+        dir.display()
+    );
+    dir
+}
+
+/// The tiny random-weight studio of `functions/inference/reference/tiny_studio.py` (SDXL
+/// model, the ControlNets and LoRA the built-in presets name), generated once and cached.
+pub fn tiny_studio() -> PathBuf {
+    let reference =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../functions/inference/reference");
+    fixture(&reference, "tiny_studio", &[], &["bench_diffusers.py"])
+}

@@ -193,7 +193,11 @@ impl InferenceHandler {
             job: job.clone(),
             completed,
         };
-        let store_started = Instant::now();
+        // The record's own PUT is the last stage; its time is left out of the record itself.
+        file.completed.inference_ms = millis_since(started);
+        file.completed.total_ms = received_at
+            .and_then(|at| u64::try_from((chrono::Utc::now() - at).num_milliseconds()).ok())
+            .unwrap_or(file.completed.inference_ms);
         let body = serde_json::to_vec_pretty(&file)
             .map_err(|e| RenderError::InvalidJob(format!("job.json: {e}")))?;
         self.put(
@@ -203,11 +207,6 @@ impl InferenceHandler {
             body,
         )
         .await?;
-        file.completed.timings.store_ms += millis_since(store_started);
-        file.completed.inference_ms = millis_since(started);
-        file.completed.total_ms = received_at
-            .and_then(|at| u64::try_from((chrono::Utc::now() - at).num_milliseconds()).ok())
-            .unwrap_or(file.completed.inference_ms);
         tracing::info!(
             result = %file.completed.result,
             inference_ms = file.completed.inference_ms,

@@ -10,9 +10,10 @@
 //! - [`digest`]: SHA-256 of weights, for the hashes `completed` events carry;
 //! - [`handler`]: the shared `Handler` over inference jobs (fetch, render, store, announce);
 //! - [`error`]: why a job failed and whether another delivery could help;
-//! - [`service`]: connecting, loading, consuming.
+//! - [`service`]: connecting, loading, consuming; [`cli`]: the `darkroom-inference` command.
 
 pub mod assets;
+pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod engine;
