@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use darkroom_events::s3::{S3Message, parse_s3_message};
 use darkroom_events::subjects;
-use darkroom_events::{CloudEvent, JobFailed, JobQueued};
+use darkroom_events::{CloudEvent, JobCompleted, JobFailed, JobProgress, JobQueued, JobStarted};
 use darkroom_shared::RuntimeConfig;
 use futures::StreamExt;
 
@@ -38,12 +38,17 @@ pub struct DemoOptions {
     pub photo: Option<std::path::PathBuf>,
     /// Preset, as the inbox folder (`inbox/<preset>/…`).
     pub preset: String,
-    /// How long to wait for each stage.
+    /// How long to wait for the upload's event and for the job to be queued.
     pub timeout: Duration,
+    /// How long to wait for the rendered picture once queued.
+    pub render_timeout: Duration,
+    /// Folder the result is downloaded into.
+    pub out: std::path::PathBuf,
 }
 
-/// Uploads one photo to the inbox and follows it through the pipeline as far as it is built:
-/// today, through preprocess to a queued inference job (or its `failed` event).
+/// Uploads one photo to the inbox and follows it through the pipeline, as a user subscribed to
+/// the job's notifications does: queued, started, progress, then `completed` (printed whole,
+/// the result downloaded into [`DemoOptions::out`]) or `failed` (an error).
 pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Result<()> {
     provision(config).await?;
     let nats = darkroom_shared::nats::connect(config, "darkroom-dev").await?;
@@ -132,6 +137,8 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
     };
 
     let prefix = format!("darkroom.notify.job.{job}.");
+    let mut deadline = tokio::time::Instant::now() + options.timeout;
+    let mut last_progress = None;
     loop {
         let message = tokio::time::timeout_at(deadline, events.next())
             .await
@@ -139,8 +146,8 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
             .flatten();
         let Some(message) = message else {
             bail!(
-                "no queued or failed notification for job {job} within {:?}: are darkroom-preprocess and darkroom-notifier running? (local-dev/stack status)",
-                options.timeout
+                "job {job}: no notification within {:?} of the last one: are darkroom-preprocess, darkroom-inference and darkroom-notifier running? (local-dev/stack status)",
+                options.timeout.max(options.render_timeout)
             );
         };
         let Some(kind) = message.subject.as_str().strip_prefix(&prefix) else {
@@ -151,12 +158,40 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
                 let event: CloudEvent<JobQueued> =
                     serde_json::from_slice(&message.payload).context("parse the queued event")?;
                 println!(
-                    "queued    preset {} on {}: s3://{}/work/{job}/ holds the framed input and its control maps",
-                    event.data.preset, message.subject, config.bucket
+                    "queued    preset {}: s3://{}/work/{job}/ holds the framed input and its control maps",
+                    event.data.preset, config.bucket
                 );
+                deadline = tokio::time::Instant::now() + options.render_timeout;
+            }
+            "started" => {
+                let event: CloudEvent<JobStarted> =
+                    serde_json::from_slice(&message.payload).context("parse the started event")?;
                 println!(
-                    "pipeline  the inference worker is not built yet (issue #6), so the demo stops at the queued job"
+                    "started   on worker {} (attempt {})",
+                    event.data.worker, event.data.attempt
                 );
+                deadline = tokio::time::Instant::now() + options.render_timeout;
+            }
+            "progress" => {
+                let event: CloudEvent<JobProgress> =
+                    serde_json::from_slice(&message.payload).context("parse a progress event")?;
+                let (step, total) = (event.data.step, event.data.total_steps);
+                // A line per quarter of the steps is enough for a log.
+                let quarter = (step * 4) / total.max(1);
+                if last_progress != Some(quarter) || step == total {
+                    println!("progress  step {step}/{total}");
+                    last_progress = Some(quarter);
+                }
+                deadline = tokio::time::Instant::now() + options.render_timeout;
+            }
+            "completed" => {
+                let event: CloudEvent<JobCompleted> = serde_json::from_slice(&message.payload)
+                    .context("parse the completed event")?;
+                let pretty: serde_json::Value = serde_json::from_slice(&message.payload)?;
+                println!("completed on {}:", message.subject);
+                println!("{}", serde_json::to_string_pretty(&pretty)?);
+                let path = download_result(&s3, &event.data, &options.out).await?;
+                println!("result    {}", path.display());
                 return Ok(());
             }
             "failed" => {
@@ -172,6 +207,33 @@ pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Resu
             _ => continue,
         }
     }
+}
+
+/// Downloads a completed job's picture into `out` as `<job>.png`.
+async fn download_result(
+    s3: &aws_sdk_s3::Client,
+    completed: &JobCompleted,
+    out: &std::path::Path,
+) -> anyhow::Result<std::path::PathBuf> {
+    let result = &completed.result;
+    let object = s3
+        .get_object()
+        .bucket(&result.bucket)
+        .key(&result.key)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))
+        .with_context(|| format!("download {result}"))?;
+    let bytes = object
+        .body
+        .collect()
+        .await
+        .with_context(|| format!("read {result}"))?
+        .into_bytes();
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let path = out.join(format!("{}.png", completed.job_id));
+    std::fs::write(&path, &bytes).with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
 }
 
 /// A 768×1024 test photo: a warm backdrop and a face-like oval, as a JPEG.

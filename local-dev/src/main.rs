@@ -28,9 +28,15 @@ enum Command {
         /// Preset to render with (the inbox folder it is uploaded to).
         #[arg(long, default_value = "profile-warm")]
         preset: String,
-        /// Seconds to wait for each stage.
+        /// Seconds to wait for the upload's event and for the job to be queued.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Seconds to wait for each sign of the render (started, a step, completed).
+        #[arg(long, default_value_t = 600)]
+        render_timeout: u64,
+        /// Folder to download the result into.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
     },
 }
 
@@ -45,11 +51,15 @@ async fn main() -> anyhow::Result<()> {
             photo,
             preset,
             timeout,
+            render_timeout,
+            out,
         } => {
             let options = DemoOptions {
                 photo,
                 preset,
                 timeout: Duration::from_secs(timeout),
+                render_timeout: Duration::from_secs(render_timeout),
+                out,
             };
             demo(&config, &options).await
         }
