@@ -772,8 +772,14 @@ fn summarize(samples: &[f64]) -> Option<Summary> {
     })
 }
 
+/// Milliseconds from `from` to `to`, negative when `to` came first (two observers of one
+/// step can hear it in either order).
 fn span_ms(from: Option<Instant>, to: Option<Instant>) -> Option<f64> {
-    Some(millis(to?.checked_duration_since(from?)?))
+    let (from, to) = (from?, to?);
+    Some(match to.checked_duration_since(from) {
+        Some(ahead) => millis(ahead),
+        None => -millis(from.duration_since(to)),
+    })
 }
 
 fn row(table: &mut String, label: &str, summary: Option<Summary>) {
@@ -799,18 +805,55 @@ fn latency_table(timelines: &Timelines, jobs: &[JobId], raw: &[f64]) -> String {
     let lines: Vec<Timeline> = jobs.iter().filter_map(|j| timelines.get(*j)).collect();
     let series =
         |f: &dyn Fn(&Timeline) -> Option<f64>| -> Vec<f64> { lines.iter().filter_map(f).collect() };
-    let put_to_upload = series(&|t| span_ms(t.put_returned, t.upload_event));
+    let put_duration = series(&|t| span_ms(t.put_started, t.put_returned));
+    let put_to_upload = series(&|t| span_ms(t.put_started, t.upload_event));
     let upload_to_queued = series(&|t| span_ms(t.upload_event, t.queued));
     let preprocess_total = series(&|t| t.preprocess_total_ms.map(|v| v as f64));
     let preprocess_fetch = series(&|t| t.preprocess_fetch_ms.map(|v| v as f64));
     let preprocess_prepare = series(&|t| t.preprocess_prepare_ms.map(|v| v as f64));
-    let queued_to_pulled = series(&|t| span_ms(t.queued, t.stand_in_pulled));
-    let queued_to_completed = series(&|t| span_ms(t.queued, t.completed_event));
+    let upload_to_pulled = series(&|t| span_ms(t.upload_event, t.stand_in_pulled));
+    let pulled_to_completed = series(&|t| span_ms(t.stand_in_pulled, t.completed_event));
     let completed_to_notified = series(&|t| span_ms(t.completed_event, t.notified));
     let pipeline = series(&|t| span_ms(t.upload_event, t.notified));
     let put_to_notified = series(&|t| span_ms(t.put_started, t.notified));
     let control_plane =
         series(&|t| Some(span_ms(t.upload_event, t.notified)? - t.preprocess_total_ms? as f64));
+    let rows: [(&str, &[f64]); 13] = [
+        ("PUT started → PUT returned", &put_duration),
+        (
+            "PUT started → upload event (SeaweedFS, webhook, ingest)",
+            &put_to_upload,
+        ),
+        (
+            "upload event → queued event (preprocess, real work)",
+            &upload_to_queued,
+        ),
+        ("  preprocess handler total_ms (its log)", &preprocess_total),
+        ("    of which fetch_ms (S3 HEAD + GET)", &preprocess_fetch),
+        (
+            "    of which prepare_ms (decode, resize, canny, PNG)",
+            &preprocess_prepare,
+        ),
+        ("upload event → stand-in pulls the job", &upload_to_pulled),
+        (
+            "stand-in pulls → completed event (KV, started, completed)",
+            &pulled_to_completed,
+        ),
+        (
+            "completed event → completed notification (notifier)",
+            &completed_to_notified,
+        ),
+        (
+            "**pipeline: upload event → completed notification**",
+            &pipeline,
+        ),
+        ("PUT started → completed notification", &put_to_notified),
+        (
+            "**control plane: pipeline − preprocess total_ms**",
+            &control_plane,
+        ),
+        ("**raw JetStream: publish → pull (batch 1) receives**", raw),
+    ];
 
     let mut table = String::new();
     let _ = writeln!(
@@ -823,66 +866,9 @@ fn latency_table(timelines: &Timelines, jobs: &[JobId], raw: &[f64]) -> String {
         "|{}|------:|---------:|---------:|---------:|---------:|",
         "-".repeat(60)
     );
-    row(
-        &mut table,
-        "PUT returned → upload event (SeaweedFS webhook + ingest)",
-        summarize(&put_to_upload),
-    );
-    row(
-        &mut table,
-        "upload event → queued (preprocess, real work)",
-        summarize(&upload_to_queued),
-    );
-    row(
-        &mut table,
-        "  preprocess handler total_ms (its log)",
-        summarize(&preprocess_total),
-    );
-    row(
-        &mut table,
-        "    of which fetch_ms (S3 HEAD + GET)",
-        summarize(&preprocess_fetch),
-    );
-    row(
-        &mut table,
-        "    of which prepare_ms (decode, resize, canny, PNG)",
-        summarize(&preprocess_prepare),
-    );
-    row(
-        &mut table,
-        "queued → stand-in pulls the job",
-        summarize(&queued_to_pulled),
-    );
-    row(
-        &mut table,
-        "queued → completed event (jobs stream + stand-in)",
-        summarize(&queued_to_completed),
-    );
-    row(
-        &mut table,
-        "completed event → completed notification (notifier)",
-        summarize(&completed_to_notified),
-    );
-    row(
-        &mut table,
-        "**pipeline: upload event → completed notification**",
-        summarize(&pipeline),
-    );
-    row(
-        &mut table,
-        "PUT started → completed notification",
-        summarize(&put_to_notified),
-    );
-    row(
-        &mut table,
-        "**control plane: pipeline − preprocess total_ms (per job)**",
-        summarize(&control_plane),
-    );
-    row(
-        &mut table,
-        "**raw JetStream: publish → pull (batch 1) receives**",
-        summarize(raw),
-    );
+    for (label, samples) in rows {
+        row(&mut table, label, summarize(samples));
+    }
     let _ = writeln!(table);
     let added = |what: &str, series: &[f64]| -> String {
         match (summarize(series), summarize(raw)) {
@@ -1151,6 +1137,18 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     let after_phase_1 = snapshot(&functions);
+    // Preprocess logs its timings after publishing `queued`, so the last line can trail the
+    // notification a little.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && latency_jobs.iter().any(|job| {
+            timelines
+                .get(*job)
+                .is_none_or(|t| t.preprocess_total_ms.is_none())
+        })
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let latency = latency_table(&timelines, &latency_jobs, &raw_samples);
     println!("\n{latency}");
 
