@@ -858,7 +858,11 @@ fn latency_table(timelines: &Timelines, jobs: &[JobId], raw: &[f64]) -> String {
         ),
         ("PUT started → completed notification", &put_to_notified),
         (
-            "**control plane: pipeline − preprocess total_ms**",
+            "**control plane A: pipeline − preprocess fetch + prepare**",
+            &control_plane_upper,
+        ),
+        (
+            "**control plane B: pipeline − preprocess total_ms**",
             &control_plane,
         ),
         ("**raw JetStream: publish → pull (batch 1) receives**", raw),
