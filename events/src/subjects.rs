@@ -174,6 +174,10 @@ pub const NOTIFIER_DELIVERIES_KV: &str = "darkroom_notifier_deliveries";
 /// `410 Gone` is recorded here as disabled (kept until an operator deletes the key).
 pub const WEBHOOK_ENDPOINTS_KV: &str = "darkroom_webhook_endpoints";
 
+/// KV bucket of running inference workers' inventories (model, LoRAs, ControlNets, LUTs),
+/// keyed by worker; an entry not refreshed for 90 s expires.
+pub const WORKERS_KV: &str = "darkroom_workers";
+
 /// Durable consumer names.
 pub mod consumers {
     /// Preprocess, on the uploads stream.

@@ -17,7 +17,7 @@ pub async fn provision(config: &RuntimeConfig) -> anyhow::Result<()> {
     let s3 = darkroom_shared::s3::client(config).await;
     darkroom_shared::s3::ensure_bucket(&s3, &config.bucket).await?;
     println!(
-        "provisioned: streams {}, {}, {}, {}, {}; KV {}, {}, {}; bucket {}",
+        "provisioned: streams {}, {}, {}, {}, {}; KV {}, {}, {}, {}; bucket {}",
         subjects::UPLOADS_STREAM,
         subjects::JOBS_STREAM,
         subjects::EVENTS_STREAM,
@@ -26,6 +26,7 @@ pub async fn provision(config: &RuntimeConfig) -> anyhow::Result<()> {
         subjects::JOBS_KV,
         subjects::NOTIFIER_DELIVERIES_KV,
         subjects::WEBHOOK_ENDPOINTS_KV,
+        subjects::WORKERS_KV,
         config.bucket
     );
     Ok(())

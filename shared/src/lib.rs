@@ -11,6 +11,7 @@
 //! - [`publish`]: lifecycle events and dead letters;
 //! - [`jobs`]: job records in the jobs KV bucket;
 //! - [`preset`]: studio presets (plain TOML), built-in and from an operator's directory;
+//! - [`workers`]: what each running inference worker can render;
 //! - [`telemetry`]: logs, W3C trace context and Prometheus metrics.
 
 pub mod config;
@@ -26,6 +27,7 @@ pub mod s3;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
+pub mod workers;
 
 pub use config::RuntimeConfig;
 pub use handler::{Delivery, ErrorClass, Handler, HandlerError, JobContext};

@@ -159,6 +159,20 @@ impl Topology {
         }
     }
 
+    /// Running inference workers' inventories, forgotten after [`crate::workers::EXPIRY`]
+    /// without a refresh.
+    pub fn workers_kv(&self) -> kv::Config {
+        kv::Config {
+            bucket: subjects::WORKERS_KV.to_owned(),
+            description: "Darkroom inference workers and the files they can render with".to_owned(),
+            history: 1,
+            max_age: crate::workers::EXPIRY,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            ..Default::default()
+        }
+    }
+
     /// The durable pull consumers: `(stream, config)` pairs.
     pub fn consumers(&self) -> Vec<(&'static str, consumer::pull::Config)> {
         vec![
@@ -207,6 +221,7 @@ impl Topology {
             self.jobs_kv(),
             self.notifier_deliveries_kv(),
             self.webhook_endpoints_kv(),
+            self.workers_kv(),
         ] {
             let name = config.bucket.clone();
             js.create_or_update_key_value(config)

@@ -6,9 +6,10 @@
 //! Scenarios: one upload announced three times → one job, one stored picture without metadata,
 //! one `completed`, one webhook; a worker SIGKILLed mid-job → the job is redelivered to the next
 //! worker, which renders for longer than AckWait without being redelivered again, and completes
-//! once; a poison job (its preset names a LoRA the worker lacks) → dead-lettered with its reason
-//! while the next job flows, and `darkroom replay-dlq` brings it back once the file is there; a
-//! cancel message → `failed` with reason `cancelled`.
+//! once; a poison job (its preset's LoRA file is broken) → dead-lettered with its reason while
+//! the next job flows, and `darkroom replay-dlq` brings it back once the file is fixed; a preset
+//! naming a file no running worker has → refused at upload time; a cancel message → `failed`
+//! with reason `cancelled`.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -541,9 +542,11 @@ async fn a_killed_workers_job_completes_once_on_the_next_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_job_is_dead_lettered_others_flow_and_replay_brings_it_back() {
     let stack = Stack::start().await;
+    // The preset's LoRA is there but is not a LoRA: only the worker can tell.
+    let lora = stack.dir.path().join("loras/house-style.safetensors");
+    std::fs::write(&lora, b"not a safetensors file").unwrap();
     let _worker = stack.worker("gpu-a").await;
 
-    // Its preset names a LoRA this worker does not have.
     let poison = stack.upload("tiny-style", "page.jpg", 3).await;
     let poison_job = poison.job_id().unwrap();
     stack.announce(&poison).await;
@@ -569,10 +572,10 @@ async fn a_poison_job_is_dead_lettered_others_flow_and_replay_brings_it_back() {
     // The next job was not held up.
     stack.completed(good.job_id().unwrap()).await;
 
-    // The operator installs the LoRA and replays the dead letter.
+    // The operator replaces the file and replays the dead letter.
     std::fs::copy(
         stack.studio.join("loras/storybook-style.safetensors"),
-        stack.dir.path().join("loras/house-style.safetensors"),
+        &lora,
     )
     .unwrap();
     let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"))
@@ -596,6 +599,29 @@ async fn a_poison_job_is_dead_lettered_others_flow_and_replay_brings_it_back() {
             .await
             .is_empty()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_naming_a_file_no_running_worker_has_fails_at_upload() {
+    let stack = Stack::start().await;
+    let _worker = stack.worker("gpu-a").await;
+    let object = stack.upload("tiny-style", "page.jpg", 6).await;
+    let job = object.job_id().unwrap();
+    stack.announce(&object).await;
+
+    let failed = stack.failed(job).await;
+    assert_eq!(failed.stage, darkroom_events::Stage::Preprocess);
+    assert_eq!(failed.reason, FailureReason::ModelError);
+    assert!(
+        failed
+            .message
+            .contains("gpu-a lacks LoRA \"house-style.safetensors\""),
+        "{}",
+        failed.message
+    );
+    assert!(stack.started(job).await.is_empty());
+    let jobs = darkroom_tests::stream_messages(&stack.js, subjects::JOBS_STREAM).await;
+    assert!(jobs.is_empty(), "nothing was queued for the GPU");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

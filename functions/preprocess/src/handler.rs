@@ -38,9 +38,10 @@ use darkroom_events::{
     CloudEvent, FailureReason, JobFailed, JobId, JobQueued, ObjectRef, S3EventRecord, Stage,
 };
 use darkroom_shared::jobs::{JobStatus, JobStore};
-use darkroom_shared::preset::PresetLibrary;
+use darkroom_shared::preset::{Preset, PresetLibrary};
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::telemetry::TraceParent;
+use darkroom_shared::workers::{AssetNeeds, WorkerInventory, WorkerRegistry};
 use darkroom_shared::{Delivery, Handler, HandlerError, JobContext, RuntimeError};
 
 use crate::config::PreprocessConfig;
@@ -69,7 +70,18 @@ pub struct PreprocessHandler {
     jobs: JobStore,
     presets: Arc<PresetLibrary>,
     config: Arc<PreprocessConfig>,
+    workers: Arc<WorkerCheck>,
 }
+
+/// The running workers' inventories, read at most every [`INVENTORY_TTL`].
+#[derive(Default)]
+struct WorkerCheck {
+    registry: tokio::sync::OnceCell<WorkerRegistry>,
+    cached: tokio::sync::Mutex<Option<(Instant, Vec<WorkerInventory>)>>,
+}
+
+/// How long preprocess trusts the workers' inventories it read.
+const INVENTORY_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl PreprocessHandler {
     /// A handler over these clients. `publisher` should publish as [`SOURCE`].
@@ -86,6 +98,7 @@ impl PreprocessHandler {
             jobs,
             presets: Arc::new(presets),
             config: Arc::new(config),
+            workers: Arc::default(),
         }
     }
 
@@ -160,6 +173,59 @@ impl PreprocessHandler {
         }
     }
 
+    /// Refuses a preset that names a LoRA, ControlNet or LUT no running worker has. With no
+    /// worker running, or the inventories unreadable, nothing can be known: the job is queued
+    /// and the worker that picks it up decides.
+    async fn check_workers(&self, preset: &Preset) -> Result<(), HandlerError> {
+        let needs = AssetNeeds {
+            loras: preset.loras.iter().map(|l| l.name.as_str()).collect(),
+            controlnets: preset
+                .controlnets
+                .iter()
+                .map(|c| c.model.as_str())
+                .collect(),
+            luts: preset
+                .tone
+                .iter()
+                .filter_map(|t| t.lut.as_deref())
+                .collect(),
+        };
+        if needs == AssetNeeds::default() {
+            return Ok(());
+        }
+        let inventories = match self.live_workers().await {
+            Ok(inventories) => inventories,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the workers' inventories; not checking");
+                return Ok(());
+            }
+        };
+        match darkroom_shared::workers::unservable(&inventories, &needs) {
+            None => Ok(()),
+            Some(why) => Err(HandlerError::permanent(
+                FailureReason::ModelError,
+                format!("preset {}: {why}", preset.name),
+            )),
+        }
+    }
+
+    async fn live_workers(&self) -> Result<Vec<WorkerInventory>, RuntimeError> {
+        let mut cached = self.workers.cached.lock().await;
+        if let Some((at, inventories)) = &*cached
+            && at.elapsed() < INVENTORY_TTL
+        {
+            return Ok(inventories.clone());
+        }
+        let registry = self
+            .workers
+            .registry
+            .get_or_try_init(|| WorkerRegistry::open(self.publisher.jetstream()))
+            .await?;
+        let inventories = registry.live().await?;
+        *cached = Some((Instant::now(), inventories.clone()));
+        Ok(inventories)
+    }
+
     fn in_inbox(&self, key: &str) -> bool {
         key.starts_with(&self.config.preprocess_inbox_prefix) && !key.ends_with('/')
     }
@@ -213,6 +279,7 @@ impl PreprocessHandler {
             .map_err(|e| job_error(e.into()))?
             .clone();
         let options = job::prepare_options(&preset, &self.config).map_err(job_error)?;
+        self.check_workers(&preset).await?;
         let subject = job::subject(
             info.metadata(job::SUBJECT_METADATA),
             &self.config.preprocess_default_subject,

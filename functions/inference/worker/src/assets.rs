@@ -115,6 +115,30 @@ impl AssetDirs {
     }
 }
 
+impl AssetDirs {
+    /// The names a job may give, by kind: the LoRA and LUT files and ControlNet folders in the
+    /// folders now, sorted (a missing folder holds nothing).
+    pub fn inventory(&self) -> (Vec<String>, Vec<String>, Vec<String>) {
+        (
+            self.names(AssetKind::Lora),
+            self.names(AssetKind::ControlNet),
+            self.names(AssetKind::Lut),
+        )
+    }
+
+    fn names(&self, kind: AssetKind) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.dir(kind)) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| self.resolve(kind, name).is_ok())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -148,6 +172,15 @@ mod tests {
             dirs.resolve(AssetKind::ControlNet, "style.safetensors"),
             Err(AssetError::Missing { .. })
         ));
+        std::fs::write(dirs.loras.join(".partial"), b"x").unwrap();
+        assert_eq!(
+            dirs.inventory(),
+            (
+                vec!["style.safetensors".to_owned()],
+                vec!["canny".to_owned()],
+                Vec::new()
+            )
+        );
         let missing = dirs.resolve(AssetKind::Lut, "film.cube").unwrap_err();
         assert!(
             missing.to_string().contains("no LUT \"film.cube\""),

@@ -103,6 +103,11 @@ impl InferenceHandler {
         &self.publisher
     }
 
+    /// The worker's name in events and records.
+    pub fn worker(&self) -> &str {
+        &self.worker
+    }
+
     async fn run(&self, job: &InferenceJob, delivery: &Delivery) -> Result<(), RenderError> {
         let traceparent = delivery.traceparent;
         let record = self.jobs.get(job.job_id).await?;

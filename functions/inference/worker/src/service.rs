@@ -7,8 +7,10 @@ use darkroom_events::subjects;
 use darkroom_shared::consumer::{self, ConsumerSettings};
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::Publisher;
+use darkroom_shared::workers::{self, WorkerInventory, WorkerRegistry};
 use tokio_util::sync::CancellationToken;
 
+use crate::assets::AssetDirs;
 use crate::config::WorkerConfig;
 use crate::engine::Engine;
 use crate::handler::{InferenceHandler, SOURCE};
@@ -37,7 +39,7 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             return Ok(());
         }
     };
-    let model = engine.model();
+    let model = engine.model().clone();
     tracing::info!(
         model = %model.name,
         device = %model.device,
@@ -45,6 +47,15 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         seconds = model.load_seconds,
         "model loaded"
     );
+
+    let registry = WorkerRegistry::open(&js).await?;
+    let inventory = tokio::spawn(keep_inventory(
+        registry.clone(),
+        config.worker_name(),
+        model.name.clone(),
+        AssetDirs::from_config(&config),
+        shutdown.clone(),
+    ));
 
     let handler = InferenceHandler::new(
         Arc::new(engine),
@@ -59,6 +70,48 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         subjects::JOBS_STREAM,
         subjects::consumers::INFERENCE,
     );
-    consumer::run(Arc::new(handler), publisher, settings, shutdown).await?;
+    let worker = handler.worker().to_owned();
+    let consumed = consumer::run(Arc::new(handler), publisher, settings, shutdown).await;
+    inventory.abort();
+    if let Err(error) = registry.remove(&worker).await {
+        tracing::warn!(%error, "cannot remove this worker's inventory (it expires by itself)");
+    }
+    consumed?;
     Ok(())
+}
+
+/// Writes this worker's inventory now and every [`workers::REFRESH`] until `shutdown`, so
+/// preprocess knows what it can render (files added to the folders show up at the next
+/// refresh).
+async fn keep_inventory(
+    registry: WorkerRegistry,
+    worker: String,
+    model: String,
+    assets: AssetDirs,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(workers::REFRESH);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let listing = assets.clone();
+        let Ok((loras, controlnets, luts)) =
+            tokio::task::spawn_blocking(move || listing.inventory()).await
+        else {
+            continue;
+        };
+        let inventory = WorkerInventory {
+            worker: worker.clone(),
+            model: model.clone(),
+            loras,
+            controlnets,
+            luts,
+            updated_at: chrono::Utc::now(),
+        };
+        if let Err(error) = registry.put(&inventory).await {
+            tracing::warn!(%error, "cannot publish this worker's inventory");
+        }
+    }
 }
