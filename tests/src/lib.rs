@@ -893,6 +893,57 @@ fn toml_string(value: &str) -> String {
     quoted
 }
 
+/// Puts `body` at `bucket`/`key` and returns the object as events refer to it (ETag, size).
+///
+/// # Panics
+/// When S3 refuses the PUT.
+pub async fn put_object(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    body: Vec<u8>,
+) -> darkroom_events::ObjectRef {
+    let size = body.len() as u64;
+    let put = s3
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(body.into())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PUT s3://{bucket}/{key}: {e}"));
+    darkroom_events::ObjectRef {
+        etag: put.e_tag().map(darkroom_events::s3::normalize_etag),
+        size: Some(size),
+        ..darkroom_events::ObjectRef::new(bucket, key)
+    }
+}
+
+/// Publishes the object's S3 `ObjectCreated` record on its bucket's uploads subject, a new
+/// message every time (no `Nats-Msg-Id`), the way a re-sent S3 notification arrives.
+///
+/// # Panics
+/// When JetStream refuses the publish.
+pub async fn announce_upload(
+    js: &async_nats::jetstream::Context,
+    object: &darkroom_events::ObjectRef,
+) {
+    let notification = darkroom_events::S3Notification {
+        records: vec![darkroom_events::S3EventRecord::object_created(
+            "aws:s3", object, None,
+        )],
+    };
+    let payload = serde_json::to_vec(&notification).unwrap_or_default();
+    js.publish(
+        darkroom_events::subjects::uploads_subject(&object.bucket),
+        payload.into(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("publish the upload of {object}: {e}"))
+    .await
+    .unwrap_or_else(|e| panic!("ack of the upload of {object}: {e}"));
+}
+
 /// Every message in `stream`, oldest first, without consuming any.
 ///
 /// # Panics

@@ -21,7 +21,6 @@ use async_nats::jetstream;
 use darkroom_events::subjects::{self, headers};
 use darkroom_events::{
     CloudEvent, FailureReason, JobCompleted, JobFailed, JobId, JobProgress, JobStarted, ObjectRef,
-    S3EventRecord, S3Notification,
 };
 use darkroom_notifier::config::NotifierConfig;
 use darkroom_preprocess::config::PreprocessConfig;
@@ -331,38 +330,12 @@ impl Stack {
     /// Uploads a photo to `inbox/<preset>/<name>`.
     async fn upload(&self, preset: &str, name: &str, seed: u8) -> ObjectRef {
         let key = format!("inbox/{preset}/{name}");
-        let body = photo_jpeg(seed);
-        let size = body.len() as u64;
-        let put = self
-            .s3_client
-            .put_object()
-            .bucket(BUCKET)
-            .key(&key)
-            .body(body.into())
-            .send()
-            .await
-            .unwrap();
-        ObjectRef {
-            etag: put.e_tag().map(darkroom_events::s3::normalize_etag),
-            size: Some(size),
-            ..ObjectRef::new(BUCKET, key)
-        }
+        darkroom_tests::put_object(&self.s3_client, BUCKET, &key, photo_jpeg(seed)).await
     }
 
     /// Publishes the object's S3 record on the uploads stream, a new message every time.
     async fn announce(&self, object: &ObjectRef) {
-        let notification = S3Notification {
-            records: vec![S3EventRecord::object_created("aws:s3", object, None)],
-        };
-        self.js
-            .publish(
-                subjects::uploads_subject(BUCKET),
-                serde_json::to_vec(&notification).unwrap().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        darkroom_tests::announce_upload(&self.js, object).await;
     }
 
     /// The payloads of a job's lifecycle events of one kind, oldest first.

@@ -183,18 +183,7 @@ impl Stack {
 
     /// Every message in `stream`, oldest first, without consuming any.
     async fn messages(&self, stream: &str) -> Vec<jetstream::message::StreamMessage> {
-        let stream = self.js.get_stream(stream).await.unwrap();
-        let state = stream.get_info().await.unwrap().state;
-        let mut messages = Vec::new();
-        if state.messages == 0 {
-            return messages;
-        }
-        for sequence in state.first_sequence..=state.last_sequence {
-            if let Ok(message) = stream.get_raw_message(sequence).await {
-                messages.push(message);
-            }
-        }
-        messages
+        darkroom_tests::stream_messages(&self.js, stream).await
     }
 
     /// Waits until the notifier has acknowledged every event in the stream.

@@ -13,9 +13,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use darkroom_events::s3::encode_key;
 use darkroom_events::subjects::{self, headers};
-use darkroom_events::{
-    CloudEvent, InferenceJob, JobFailed, JobId, JobQueued, ObjectRef, S3EventRecord, S3Notification,
-};
+use darkroom_events::{CloudEvent, InferenceJob, JobFailed, JobId, JobQueued, ObjectRef};
 use darkroom_preprocess::config::PreprocessConfig;
 use darkroom_preprocess::handler::{PreprocessHandler, SOURCE};
 use darkroom_shared::RuntimeConfig;
@@ -239,54 +237,18 @@ impl Stack {
     }
 
     async fn put(&self, key: &str, body: Vec<u8>) -> ObjectRef {
-        let size = body.len() as u64;
-        let put = self
-            .s3_client
-            .put_object()
-            .bucket(BUCKET)
-            .key(key)
-            .body(body.into())
-            .send()
-            .await
-            .unwrap();
-        ObjectRef {
-            etag: put.e_tag().map(darkroom_events::s3::normalize_etag),
-            size: Some(size),
-            ..ObjectRef::new(BUCKET, key)
-        }
+        darkroom_tests::put_object(&self.s3_client, BUCKET, key, body).await
     }
 
     /// Publishes the object's S3 record on the uploads stream, as a new message every time
     /// (no `Nats-Msg-Id`), the way a re-sent S3 notification arrives.
     async fn announce(&self, object: &ObjectRef) {
-        let notification = S3Notification {
-            records: vec![S3EventRecord::object_created("aws:s3", object, None)],
-        };
-        self.js
-            .publish(
-                subjects::uploads_subject(BUCKET),
-                serde_json::to_vec(&notification).unwrap().into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        darkroom_tests::announce_upload(&self.js, object).await;
     }
 
     /// Every message in `stream`, oldest first, without consuming any.
     async fn messages(&self, stream: &str) -> Vec<jetstream::message::StreamMessage> {
-        let stream = self.js.get_stream(stream).await.unwrap();
-        let state = stream.get_info().await.unwrap().state;
-        let mut messages = Vec::new();
-        if state.messages == 0 {
-            return messages;
-        }
-        for sequence in state.first_sequence..=state.last_sequence {
-            if let Ok(message) = stream.get_raw_message(sequence).await {
-                messages.push(message);
-            }
-        }
-        messages
+        darkroom_tests::stream_messages(&self.js, stream).await
     }
 
     async fn inference_jobs(&self) -> Vec<(CloudEvent<InferenceJob>, String)> {

@@ -302,20 +302,4 @@ pub fn prepare(bytes: &[u8], options: &PrepareOptions) -> Result<Prepared> {
     })
 }
 
-/// Encodes pixels as a PNG with no ancillary chunks (no eXIf, tEXt, iCCP…): only
-/// IHDR, IDAT and IEND, so nothing but pixels can leave.
-pub fn encode_png(image: &RgbImage) -> Vec<u8> {
-    use image::ImageEncoder;
-    let mut out = Vec::new();
-    let encoder = image::codecs::png::PngEncoder::new(&mut out);
-    // Writing an in-memory RGB8 buffer of matching size cannot fail.
-    if let Err(e) = encoder.write_image(
-        image.as_raw(),
-        image.width(),
-        image.height(),
-        image::ExtendedColorType::Rgb8,
-    ) {
-        unreachable!("PNG encoding of a valid RGB buffer failed: {e}");
-    }
-    out
-}
+pub use darkroom_shared::png::encode_png;

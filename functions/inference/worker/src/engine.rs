@@ -33,6 +33,7 @@ use crate::assets::{AssetDirs, AssetKind};
 use crate::config::WorkerConfig;
 use crate::digest::{self, DigestCache};
 use crate::error::RenderError;
+use darkroom_shared::png::encode_png;
 
 /// A job with its prepared images, ready for the engine.
 #[derive(Debug)]
@@ -528,23 +529,6 @@ impl EngineState {
                 source: e,
             })
     }
-}
-
-/// PNG of an RGB picture, with no ancillary chunks (no metadata of any kind).
-pub fn encode_png(image: &RgbImage) -> Vec<u8> {
-    use image::ImageEncoder;
-    let mut out = Vec::new();
-    let encoder = image::codecs::png::PngEncoder::new(&mut out);
-    // Writing an in-memory RGB8 buffer of matching size cannot fail.
-    if let Err(e) = encoder.write_image(
-        image.as_raw(),
-        image.width(),
-        image.height(),
-        image::ExtendedColorType::Rgb8,
-    ) {
-        unreachable!("PNG encoding of a valid RGB buffer failed: {e}");
-    }
-    out
 }
 
 fn millis(duration: Duration) -> u64 {

@@ -620,7 +620,7 @@ mod tests {
     #[test]
     fn prepared_images_decode_within_limits() {
         let image = RgbImage::from_pixel(64, 48, image::Rgb([1, 2, 3]));
-        let png = crate::engine::encode_png(&image);
+        let png = darkroom_shared::png::encode_png(&image);
         assert_eq!(decode_png("k", &png).unwrap(), image);
         assert!(matches!(
             decode_png("k", b"\x89PNG\r\n\x1a\nbroken"),
