@@ -105,19 +105,6 @@ fn photo_jpeg(seed: u8) -> Vec<u8> {
     out.into_inner()
 }
 
-/// The PNG chunk types, in order.
-fn png_chunks(png: &[u8]) -> Vec<String> {
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
-    let mut kinds = Vec::new();
-    let mut at = 8;
-    while at + 8 <= png.len() {
-        let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
-        kinds.push(String::from_utf8_lossy(&png[at + 4..at + 8]).into_owned());
-        at += 12 + len;
-    }
-    kinds
-}
-
 /// A task on the shared consumer loop (preprocess or the notifier), stopped on drop.
 struct Running {
     shutdown: CancellationToken,
@@ -434,7 +421,7 @@ async fn an_upload_announced_three_times_becomes_one_picture_one_event_and_one_w
 
     let png = stack.object(&completed.result.key).await.unwrap();
     assert_eq!(
-        png_chunks(&png),
+        darkroom_test_support::png_chunks(&png),
         ["IHDR", "IDAT", "IEND"],
         "no metadata chunks"
     );

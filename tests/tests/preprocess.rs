@@ -51,19 +51,6 @@ fn photo_jpeg() -> Vec<u8> {
 
 const SVG: &[u8] = br#"<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><script>alert(1)</script></svg>"#;
 
-/// The chunk types of a PNG, in order.
-fn png_chunks(png: &[u8]) -> Vec<String> {
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
-    let mut kinds = Vec::new();
-    let mut at = 8;
-    while at + 8 <= png.len() {
-        let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
-        kinds.push(String::from_utf8_lossy(&png[at + 4..at + 8]).into_owned());
-        at += 12 + len;
-    }
-    kinds
-}
-
 /// A TCP relay in front of SeaweedFS's S3 port that counts the bytes the server sends and can
 /// refuse connections, to watch (and break) what the handler downloads.
 struct S3Relay {
@@ -359,7 +346,7 @@ async fn assert_queued(stack: &Stack, object: &ObjectRef) -> InferenceJob {
 
     let input = stack.get(&job.init_image_key).await;
     assert_eq!(
-        png_chunks(&input),
+        darkroom_test_support::png_chunks(&input),
         ["IHDR", "IDAT", "IEND"],
         "metadata-free"
     );
@@ -367,7 +354,10 @@ async fn assert_queued(stack: &Stack, object: &ObjectRef) -> InferenceJob {
     assert_eq!((decoded.width(), decoded.height()), (1152, 896));
     assert_eq!(job.control_images.len(), 1);
     let canny = stack.get(&job.control_images[0].key).await;
-    assert_eq!(png_chunks(&canny), ["IHDR", "IDAT", "IEND"]);
+    assert_eq!(
+        darkroom_test_support::png_chunks(&canny),
+        ["IHDR", "IDAT", "IEND"]
+    );
 
     let status = wait_for(|| stack.status(job_id), |s| *s == Some(JobStatus::Queued)).await;
     assert_eq!(status, Some(JobStatus::Queued));
@@ -441,7 +431,7 @@ async fn a_redelivered_upload_makes_one_job_and_a_half_done_one_completes() {
     stack.announce(&object).await;
     wait_for(|| stack.status(job_id), |s| *s == Some(JobStatus::Queued)).await;
     assert_eq!(
-        png_chunks(&stack.get(&job.control_images[0].key).await),
+        darkroom_test_support::png_chunks(&stack.get(&job.control_images[0].key).await),
         ["IHDR", "IDAT", "IEND"]
     );
     assert_eq!(

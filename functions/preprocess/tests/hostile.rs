@@ -95,18 +95,6 @@ fn png_bomb(width: u32, height: u32) -> Vec<u8> {
     out
 }
 
-/// The chunk types of a PNG, in order.
-fn png_chunks(png: &[u8]) -> Vec<String> {
-    let mut kinds = Vec::new();
-    let mut at = 8;
-    while at + 8 <= png.len() {
-        let len = u32::from_be_bytes(png[at..at + 4].try_into().expect("4 bytes")) as usize;
-        kinds.push(String::from_utf8_lossy(&png[at + 4..at + 8]).into_owned());
-        at += 12 + len;
-    }
-    kinds
-}
-
 /// Rewrites a baseline JPEG's SOF0 dimensions.
 fn patch_jpeg_size(mut jpeg: Vec<u8>, width: u16, height: u16) -> Vec<u8> {
     let sof = jpeg
@@ -392,13 +380,18 @@ fn gps_exif_never_reaches_the_output() {
         encode_png(&p.image),
         encode_png(p.canny.as_ref().expect("canny")),
     ] {
-        assert_eq!(png_chunks(&png).first().map(String::as_str), Some("IHDR"));
+        assert_eq!(
+            darkroom_test_support::png_chunks(&png)
+                .first()
+                .map(String::as_str),
+            Some("IHDR")
+        );
         assert!(
-            png_chunks(&png)
+            darkroom_test_support::png_chunks(&png)
                 .iter()
                 .all(|k| k == "IHDR" || k == "IDAT" || k == "IEND"),
             "{:?}",
-            png_chunks(&png)
+            darkroom_test_support::png_chunks(&png)
         );
         assert!(!png.windows(4).any(|w| w == b"Exif"));
     }

@@ -30,19 +30,6 @@ fn jpeg(width: u32, height: u32) -> Vec<u8> {
     out.into_inner()
 }
 
-/// The chunk types of a PNG, in order.
-fn png_chunks(png: &[u8]) -> Vec<String> {
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    let mut kinds = Vec::new();
-    let mut at = 8;
-    while at + 8 <= png.len() {
-        let len = u32::from_be_bytes(png[at..at + 4].try_into().unwrap()) as usize;
-        kinds.push(String::from_utf8_lossy(&png[at + 4..at + 8]).into_owned());
-        at += 12 + len;
-    }
-    kinds
-}
-
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|entries| {
@@ -111,7 +98,11 @@ fn a_photo_becomes_the_files_and_job_the_function_would_upload() {
 
     for name in ["input.png", "control-canny.png"] {
         let png = std::fs::read(out.join(name)).unwrap();
-        assert_eq!(png_chunks(&png), ["IHDR", "IDAT", "IEND"], "{name}");
+        assert_eq!(
+            darkroom_test_support::png_chunks(&png),
+            ["IHDR", "IDAT", "IEND"],
+            "{name}"
+        );
         let image = image::load_from_memory(&png).unwrap();
         assert_eq!((image.width(), image.height()), (1152, 896), "{name}");
     }

@@ -114,3 +114,20 @@ pub fn tiny_studio() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../functions/inference/reference");
     fixture(&reference, "tiny_studio", &[], &["bench_diffusers.py"])
 }
+
+/// The chunk types of a PNG, in order (`["IHDR", "IDAT", "IEND"]` for one without metadata).
+///
+/// # Panics
+/// When `png` does not start with the PNG signature.
+pub fn png_chunks(png: &[u8]) -> Vec<String> {
+    assert_eq!(png.get(..8), Some(&b"\x89PNG\r\n\x1a\n"[..]), "not a PNG");
+    let mut kinds = Vec::new();
+    let mut at = 8;
+    while at + 8 <= png.len() {
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&png[at..at + 4]);
+        kinds.push(String::from_utf8_lossy(&png[at + 4..at + 8]).into_owned());
+        at += 12 + u32::from_be_bytes(len) as usize;
+    }
+    kinds
+}
