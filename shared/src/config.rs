@@ -65,6 +65,9 @@ pub struct RuntimeConfig {
     pub log_filter: String,
     /// Address to serve Prometheus metrics on (`/metrics`); none by default.
     pub metrics_addr: Option<SocketAddr>,
+    /// Address to serve `/healthz` (alive) and `/readyz` (ready to take work) on; none by
+    /// default. The inference worker is ready only once its model is loaded.
+    pub health_addr: Option<SocketAddr>,
     /// Replicas of every stream and KV bucket (default 1; 3 on a NATS cluster).
     pub jetstream_replicas: usize,
     /// Seconds a consumer waits for an ack before redelivering (default 60); workers send
@@ -92,6 +95,7 @@ impl Default for RuntimeConfig {
             log_format: LogFormat::Text,
             log_filter: "info,async_nats=warn".to_owned(),
             metrics_addr: None,
+            health_addr: None,
             jetstream_replicas: 1,
             ack_wait_secs: 60.0,
             max_deliver: 5,

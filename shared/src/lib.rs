@@ -12,12 +12,14 @@
 //! - [`jobs`]: job records in the jobs KV bucket; [`png`]: metadata-free PNGs;
 //! - [`preset`]: studio presets (plain TOML), built-in and from an operator's directory;
 //! - [`workers`]: what each running inference worker can render;
-//! - [`telemetry`]: logs, W3C trace context and Prometheus metrics.
+//! - [`telemetry`]: logs, W3C trace context and Prometheus metrics; [`health`]: liveness and
+//!   readiness endpoints.
 
 pub mod config;
 pub mod consumer;
 pub mod fetch;
 pub mod handler;
+pub mod health;
 pub mod jobs;
 pub mod lambda;
 pub mod nats;

@@ -122,9 +122,19 @@ impl Drop for Running {
 struct Worker {
     child: tokio::process::Child,
     log: PathBuf,
+    health_port: u16,
 }
 
 impl Worker {
+    /// The status `/readyz` answers.
+    async fn readyz(&self) -> u16 {
+        reqwest::get(format!("http://127.0.0.1:{}/readyz", self.health_port))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -282,6 +292,7 @@ impl Stack {
     async fn worker(&self, name: &str) -> Worker {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
+        let health_port = darkroom_tests::reserve_port().unwrap();
         let mut command =
             tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-inference-worker"));
         for (key, _) in std::env::vars_os() {
@@ -302,6 +313,7 @@ impl Stack {
             .env("DARKROOM_DEVICE", "cpu")
             .env("DARKROOM_WORKER_NAME", name)
             .env("DARKROOM_PROGRESS_INTERVAL_MS", "100")
+            .env("DARKROOM_HEALTH_ADDR", format!("127.0.0.1:{health_port}"))
             .env("RUST_LOG", "info,async_nats=warn")
             .stdout(Stdio::null())
             .stderr(file)
@@ -309,6 +321,7 @@ impl Stack {
         let mut worker = Worker {
             child: command.spawn().unwrap(),
             log,
+            health_port,
         };
         worker.wait_until_consuming().await;
         worker
@@ -401,7 +414,8 @@ impl Stack {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_announced_three_times_becomes_one_picture_one_event_and_one_webhook() {
     let stack = Stack::start().await;
-    let _worker = stack.worker("gpu-a").await;
+    let worker = stack.worker("gpu-a").await;
+    assert_eq!(worker.readyz().await, 200, "ready once the model is loaded");
     let object = stack.upload("tiny-desk", "desk.jpg", 1).await;
     let job = object.job_id().unwrap();
     for _ in 0..3 {

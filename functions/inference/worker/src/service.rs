@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use darkroom_events::subjects;
 use darkroom_shared::consumer::{self, ConsumerSettings};
+use darkroom_shared::health::{self, Readiness};
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::workers::{self, WorkerInventory, WorkerRegistry};
@@ -22,6 +23,11 @@ use crate::handler::{InferenceHandler, SOURCE};
 /// # Errors
 /// NATS unreachable, JetStream refusing the topology, or a model that does not load.
 pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let readiness = Readiness::default();
+    if let Some(addr) = config.runtime.health_addr {
+        let bound = health::serve(addr, readiness.clone(), shutdown.clone()).await?;
+        tracing::info!(%bound, "health endpoint: /healthz, /readyz (ready once the model is loaded)");
+    }
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-inference").await?;
     let js = async_nats::jetstream::new(nats);
     let topology = config.runtime.topology();
@@ -71,7 +77,9 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         subjects::consumers::INFERENCE,
     );
     let worker = handler.worker().to_owned();
+    readiness.set(true);
     let consumed = consumer::run(Arc::new(handler), publisher, settings, shutdown).await;
+    readiness.set(false);
     inventory.abort();
     if let Err(error) = registry.remove(&worker).await {
         tracing::warn!(%error, "cannot remove this worker's inventory (it expires by itself)");
