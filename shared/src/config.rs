@@ -76,6 +76,10 @@ pub struct RuntimeConfig {
     pub ack_wait_secs: f64,
     /// Deliveries before a message is dead-lettered (default 5).
     pub max_deliver: i64,
+    /// On SIGTERM, how long the message in hand may still take before it is handed back for
+    /// another consumer, in seconds (default 30; a GPU worker wants its slowest job's time,
+    /// below the orchestrator's termination grace).
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -99,11 +103,25 @@ impl Default for RuntimeConfig {
             jetstream_replicas: 1,
             ack_wait_secs: 60.0,
             max_deliver: 5,
+            shutdown_grace_secs: 30,
         }
     }
 }
 
 impl RuntimeConfig {
+    /// Settings of the consumer loop on `consumer` of `stream`: the topology's AckWait and
+    /// MaxDeliver, and this configuration's shutdown grace.
+    pub fn consumer_settings(
+        &self,
+        stream: &str,
+        consumer: &str,
+    ) -> crate::consumer::ConsumerSettings {
+        crate::consumer::ConsumerSettings {
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            ..crate::consumer::ConsumerSettings::new(&self.topology(), stream, consumer)
+        }
+    }
+
     /// The JetStream topology these settings describe: [`Topology::default`] with the replica
     /// count, AckWait and MaxDeliver set here.
     pub fn topology(&self) -> Topology {

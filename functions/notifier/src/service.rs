@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use darkroom_events::subjects;
-use darkroom_shared::consumer::{self, ConsumerSettings};
+use darkroom_shared::consumer;
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::lambda::LambdaError;
 use darkroom_shared::publish::Publisher;
@@ -54,11 +54,9 @@ pub async fn connect(config: &NotifierConfig) -> anyhow::Result<NotifierHandler>
 /// See [`connect`]; then only a consumer that cannot be opened.
 pub async fn serve(config: NotifierConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler = Arc::new(connect(&config).await?);
-    let settings = ConsumerSettings::new(
-        &config.runtime.topology(),
-        subjects::EVENTS_STREAM,
-        subjects::consumers::NOTIFIER,
-    );
+    let settings = config
+        .runtime
+        .consumer_settings(subjects::EVENTS_STREAM, subjects::consumers::NOTIFIER);
     let pullers: Vec<_> = (0..config.notifier_concurrency.max(1))
         .map(|_| {
             tokio::spawn(consumer::run(

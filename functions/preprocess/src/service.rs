@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use darkroom_events::subjects;
-use darkroom_shared::consumer::{self, ConsumerSettings};
+use darkroom_shared::consumer;
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::lambda::LambdaError;
 use darkroom_shared::publish::Publisher;
@@ -51,11 +51,9 @@ pub async fn connect(config: &PreprocessConfig) -> anyhow::Result<PreprocessHand
 pub async fn serve(config: PreprocessConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler = connect(&config).await?;
     let publisher = handler.publisher().clone();
-    let settings = ConsumerSettings::new(
-        &config.runtime.topology(),
-        subjects::UPLOADS_STREAM,
-        subjects::consumers::PREPROCESS,
-    );
+    let settings = config
+        .runtime
+        .consumer_settings(subjects::UPLOADS_STREAM, subjects::consumers::PREPROCESS);
     consumer::run(Arc::new(handler), publisher, settings, shutdown).await?;
     Ok(())
 }

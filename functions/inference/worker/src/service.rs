@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use darkroom_events::subjects;
-use darkroom_shared::consumer::{self, ConsumerSettings};
+use darkroom_shared::consumer;
 use darkroom_shared::health::{self, Readiness};
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::Publisher;
@@ -63,6 +63,9 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         shutdown.clone(),
     ));
 
+    let settings = config
+        .runtime
+        .consumer_settings(subjects::JOBS_STREAM, subjects::consumers::INFERENCE);
     let handler = InferenceHandler::new(
         Arc::new(engine),
         s3,
@@ -71,11 +74,6 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         config,
     );
     let publisher = handler.publisher().clone();
-    let settings = ConsumerSettings::new(
-        &topology,
-        subjects::JOBS_STREAM,
-        subjects::consumers::INFERENCE,
-    );
     let worker = handler.worker().to_owned();
     readiness.set(true);
     let consumed = consumer::run(Arc::new(handler), publisher, settings, shutdown).await;
