@@ -303,7 +303,12 @@ impl Topology {
             max_age,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
-            duplicate_window: self.duplicate_window,
+            // The server refuses a de-duplication window longer than the max age.
+            duplicate_window: if max_age.is_zero() {
+                self.duplicate_window
+            } else {
+                self.duplicate_window.min(max_age)
+            },
             ..Default::default()
         }
     }
@@ -335,7 +340,12 @@ fn update_is_safe(resource: &str, changes: &[diff::FieldChange]) -> bool {
     }
     let refused: Vec<String> = changes
         .iter()
-        .filter_map(|change| change.data_loss.as_ref().map(|why| format!("{change}: {why}")))
+        .filter_map(|change| {
+            change
+                .data_loss
+                .as_ref()
+                .map(|why| format!("{change}: {why}"))
+        })
         .collect();
     if refused.is_empty() {
         return true;
@@ -359,7 +369,10 @@ pub async fn stream_info(js: &jetstream::Context, name: &str) -> Result<Option<s
             {
                 Ok(None)
             }
-            _ => Err(RuntimeError::jetstream(format!("stream info {name}"), error)),
+            _ => Err(RuntimeError::jetstream(
+                format!("stream info {name}"),
+                error,
+            )),
         },
     }
 }

@@ -121,12 +121,7 @@ pub fn stream_changes(wanted: &stream::Config, current: &stream::Info) -> Vec<Fi
             )
         });
         changes.push(
-            FieldChange::safe(
-                "subjects",
-                list(&have.subjects),
-                list(&wanted.subjects),
-            )
-            .losing(why),
+            FieldChange::safe("subjects", list(&have.subjects), list(&wanted.subjects)).losing(why),
         );
     }
 
@@ -179,8 +174,8 @@ pub fn stream_changes(wanted: &stream::Config, current: &stream::Info) -> Vec<Fi
     }
 
     if wanted.max_age != have.max_age {
-        let lowered = !wanted.max_age.is_zero()
-            && (have.max_age.is_zero() || wanted.max_age < have.max_age);
+        let lowered =
+            !wanted.max_age.is_zero() && (have.max_age.is_zero() || wanted.max_age < have.max_age);
         let why = match oldest_message_age(state) {
             Some(oldest) if lowered && oldest > wanted.max_age => Some(format!(
                 "lowers max_age to {} while the oldest message is {} old: older messages \
@@ -190,9 +185,8 @@ pub fn stream_changes(wanted: &stream::Config, current: &stream::Info) -> Vec<Fi
             )),
             _ => None,
         };
-        changes.push(
-            FieldChange::safe("max_age", age(have.max_age), age(wanted.max_age)).losing(why),
-        );
+        changes
+            .push(FieldChange::safe("max_age", age(have.max_age), age(wanted.max_age)).losing(why));
     }
 
     limit_change(
@@ -364,7 +358,11 @@ pub fn consumer_changes(
     );
     // Zero asks for the server's default, which the server then reports: nothing to compare.
     for (field, wanted_value, have_value) in [
-        ("max_ack_pending", wanted.max_ack_pending, have.max_ack_pending),
+        (
+            "max_ack_pending",
+            wanted.max_ack_pending,
+            have.max_ack_pending,
+        ),
         ("max_batch", wanted.max_batch, have.max_batch),
     ] {
         if wanted_value != 0 && wanted_value != have_value {
@@ -424,7 +422,9 @@ fn oldest_message_age(state: &stream::State) -> Option<Duration> {
     let stored = state.first_timestamp.unix_timestamp();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX));
+        .map_or(0, |since| {
+            i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+        });
     Some(Duration::from_secs(
         u64::try_from(now.saturating_sub(stored)).unwrap_or(0),
     ))
@@ -440,10 +440,10 @@ pub fn age(duration: Duration) -> String {
         return format!("{}ms", duration.as_millis());
     }
     let secs = duration.as_secs();
-    UNITS
-        .iter()
-        .find(|(unit, _)| secs % unit == 0)
-        .map_or_else(|| format!("{secs}s"), |(unit, name)| format!("{}{name}", secs / unit))
+    UNITS.iter().find(|(unit, _)| secs % unit == 0).map_or_else(
+        || format!("{secs}s"),
+        |(unit, name)| format!("{}{name}", secs / unit),
+    )
 }
 
 fn durations(values: &[Duration]) -> String {
@@ -505,12 +505,21 @@ mod tests {
         let changes = stream_changes(&wanted, &info(longer.clone(), 1, 10, 1));
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].field, "max_age");
-        assert_eq!((changes[0].from.as_str(), changes[0].to.as_str()), ("14d", "7d"));
+        assert_eq!(
+            (changes[0].from.as_str(), changes[0].to.as_str()),
+            ("14d", "7d")
+        );
         assert!(changes[0].data_loss.as_deref().unwrap().contains("oldest"));
         // Empty, the same change loses nothing.
-        assert!(!loses_data(&stream_changes(&wanted, &info(longer.clone(), 0, 0, 0))));
+        assert!(!loses_data(&stream_changes(
+            &wanted,
+            &info(longer.clone(), 0, 0, 0)
+        )));
         // Raising it never does.
-        assert!(!loses_data(&stream_changes(&longer, &info(wanted, 1, 10, 1))));
+        assert!(!loses_data(&stream_changes(
+            &longer,
+            &info(wanted, 1, 10, 1)
+        )));
     }
 
     #[test]
@@ -553,7 +562,10 @@ mod tests {
         let changes = stream_changes(&wanted, &info(have.clone(), 10, 100, 2));
         assert!(loses_data(&changes));
         // One revision per key: nothing to lose.
-        assert!(!loses_data(&stream_changes(&wanted, &info(have, 2, 100, 2))));
+        assert!(!loses_data(&stream_changes(
+            &wanted,
+            &info(have, 2, 100, 2)
+        )));
     }
 
     #[test]
@@ -569,7 +581,10 @@ mod tests {
         };
         let changes = consumer_changes(&wanted, &have);
         let shown: Vec<String> = changes.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["ack_wait from 30s to 1m", "max_deliver from 3 to 5"]);
+        assert_eq!(
+            shown,
+            ["ack_wait from 30s to 1m", "max_deliver from 3 to 5"]
+        );
         assert!(!loses_data(&changes));
         let have = consumer::Config {
             ack_policy: consumer::AckPolicy::All,
