@@ -440,10 +440,13 @@ pub fn age(duration: Duration) -> String {
         return format!("{}ms", duration.as_millis());
     }
     let secs = duration.as_secs();
-    UNITS.iter().find(|(unit, _)| secs % unit == 0).map_or_else(
-        || format!("{secs}s"),
-        |(unit, name)| format!("{}{name}", secs / unit),
-    )
+    UNITS
+        .iter()
+        .find(|(unit, _)| secs.is_multiple_of(*unit))
+        .map_or_else(
+            || format!("{secs}s"),
+            |(unit, name)| format!("{}{name}", secs / unit),
+        )
 }
 
 fn durations(values: &[Duration]) -> String {
