@@ -80,10 +80,22 @@ pub struct RuntimeConfig {
     /// another consumer, in seconds (default 30; a GPU worker wants its slowest job's time,
     /// below the orchestrator's termination grace).
     pub shutdown_grace_secs: u64,
+    /// Seconds upload notifications are kept in `DARKROOM_UPLOADS` (default 7 days).
+    pub uploads_max_age_secs: u64,
+    /// Seconds lifecycle events are kept in `DARKROOM_EVENTS` (default 7 days); also how long
+    /// the notifier remembers what it delivered.
+    pub events_max_age_secs: u64,
+    /// Seconds the notifier's fan-out is kept in `DARKROOM_NOTIFY` (default 1 day).
+    pub notify_max_age_secs: u64,
+    /// Seconds dead letters are kept in `DARKROOM_DLQ` (default 30 days).
+    pub dlq_max_age_secs: u64,
+    /// Seconds job records are kept in the `darkroom_jobs` bucket (default 30 days).
+    pub jobs_max_age_secs: u64,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
+        let defaults = Topology::default();
         RuntimeConfig {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             nats_creds: None,
@@ -104,6 +116,11 @@ impl Default for RuntimeConfig {
             ack_wait_secs: 60.0,
             max_deliver: 5,
             shutdown_grace_secs: 30,
+            uploads_max_age_secs: defaults.uploads_max_age.as_secs(),
+            events_max_age_secs: defaults.events_max_age.as_secs(),
+            notify_max_age_secs: defaults.notify_max_age.as_secs(),
+            dlq_max_age_secs: defaults.dlq_max_age.as_secs(),
+            jobs_max_age_secs: defaults.jobs_kv_max_age.as_secs(),
         }
     }
 }
@@ -123,9 +140,16 @@ impl RuntimeConfig {
     }
 
     /// The JetStream topology these settings describe: [`Topology::default`] with the replica
-    /// count, AckWait and MaxDeliver set here.
+    /// count, AckWait, MaxDeliver and max ages set here. The functions (through
+    /// [`Topology::ensure`]) and `darkroom-infra` both derive what they want from this, so with
+    /// the same settings they want the same thing.
     pub fn topology(&self) -> Topology {
         Topology {
+            uploads_max_age: Duration::from_secs(self.uploads_max_age_secs),
+            events_max_age: Duration::from_secs(self.events_max_age_secs),
+            notify_max_age: Duration::from_secs(self.notify_max_age_secs),
+            dlq_max_age: Duration::from_secs(self.dlq_max_age_secs),
+            jobs_kv_max_age: Duration::from_secs(self.jobs_max_age_secs),
             replicas: self.jetstream_replicas.max(1),
             ack_wait: Duration::try_from_secs_f64(self.ack_wait_secs)
                 .unwrap_or(Duration::from_secs(60))

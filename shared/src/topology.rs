@@ -10,6 +10,8 @@ use darkroom_events::subjects::{self, consumers};
 
 use crate::{Result, RuntimeError};
 
+pub mod diff;
+
 /// Sizes and timings of the topology. `Default` is the production shape on one server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
@@ -203,38 +205,86 @@ impl Topology {
         ]
     }
 
-    /// Creates or updates every stream, consumer and KV bucket.
-    pub async fn ensure(&self, js: &jetstream::Context) -> Result<()> {
-        for config in [
+    /// Every stream, in the order they are ensured.
+    pub fn streams(&self) -> Vec<stream::Config> {
+        vec![
             self.uploads_stream(),
             self.jobs_stream(),
             self.events_stream(),
             self.notify_stream(),
             self.dlq_stream(),
-        ] {
-            let name = config.name.clone();
-            js.create_or_update_stream(config)
-                .await
-                .map_err(|e| RuntimeError::jetstream(format!("ensure stream {name}"), e))?;
-        }
-        for config in [
+        ]
+    }
+
+    /// Every KV bucket, in the order they are ensured.
+    pub fn key_values(&self) -> Vec<kv::Config> {
+        vec![
             self.jobs_kv(),
             self.notifier_deliveries_kv(),
             self.webhook_endpoints_kv(),
             self.workers_kv(),
-        ] {
+        ]
+    }
+
+    /// Creates what is missing and updates what differs, field by field ([`diff`]), in the
+    /// order streams, KV buckets, consumers.
+    ///
+    /// A resource whose update would lose data ([`diff::loses_data`]: fewer replicas, a max age
+    /// shorter than its oldest message, …) is left as the server has it, with a warning: only
+    /// an operator's `darkroom-infra apply --force` makes such a change, so a function started
+    /// with stale settings never shrinks what the operator provisioned.
+    pub async fn ensure(&self, js: &jetstream::Context) -> Result<()> {
+        for config in self.streams() {
+            let name = config.name.clone();
+            let operation = || format!("ensure stream {name}");
+            match stream_info(js, &name).await? {
+                None => {
+                    js.create_stream(config)
+                        .await
+                        .map_err(|e| RuntimeError::jetstream(operation(), e))?;
+                }
+                Some(info) => {
+                    let changes = diff::stream_changes(&config, &info);
+                    if update_is_safe(&format!("stream {name}"), &changes) {
+                        js.update_stream(config)
+                            .await
+                            .map_err(|e| RuntimeError::jetstream(operation(), e))?;
+                    }
+                }
+            }
+        }
+        for config in self.key_values() {
             let name = config.bucket.clone();
-            js.create_or_update_key_value(config)
-                .await
-                .map_err(|e| RuntimeError::jetstream(format!("ensure KV {name}"), e))?;
+            let wanted = diff::kv_stream_config(&config);
+            let update = match stream_info(js, &wanted.name).await? {
+                None => true,
+                Some(info) => update_is_safe(
+                    &format!("KV bucket {name}"),
+                    &diff::stream_changes(&wanted, &info),
+                ),
+            };
+            if update {
+                js.create_or_update_key_value(config)
+                    .await
+                    .map_err(|e| RuntimeError::jetstream(format!("ensure KV {name}"), e))?;
+            }
         }
         for (stream, config) in self.consumers() {
             let name = config.durable_name.clone().unwrap_or_default();
-            js.create_consumer_on_stream(config, stream)
-                .await
-                .map_err(|e| {
-                    RuntimeError::jetstream(format!("ensure consumer {stream}/{name}"), e)
-                })?;
+            let update = match consumer_info(js, stream, &name).await? {
+                None => true,
+                Some(info) => update_is_safe(
+                    &format!("consumer {stream}/{name}"),
+                    &diff::consumer_changes(&config, &info.config),
+                ),
+            };
+            if update {
+                js.create_consumer_on_stream(config, stream)
+                    .await
+                    .map_err(|e| {
+                        RuntimeError::jetstream(format!("ensure consumer {stream}/{name}"), e)
+                    })?;
+            }
         }
         Ok(())
     }
@@ -253,7 +303,12 @@ impl Topology {
             max_age,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
-            duplicate_window: self.duplicate_window,
+            // The server refuses a de-duplication window longer than the max age.
+            duplicate_window: if max_age.is_zero() {
+                self.duplicate_window
+            } else {
+                self.duplicate_window.min(max_age)
+            },
             ..Default::default()
         }
     }
@@ -274,5 +329,74 @@ impl Topology {
             max_batch: 1,
             ..Default::default()
         }
+    }
+}
+
+/// Whether `changes` should be applied by [`Topology::ensure`]: some, and none losing data
+/// (those are logged and left to `darkroom-infra apply --force`).
+fn update_is_safe(resource: &str, changes: &[diff::FieldChange]) -> bool {
+    if changes.is_empty() {
+        return false;
+    }
+    let refused: Vec<String> = changes
+        .iter()
+        .filter_map(|change| {
+            change
+                .data_loss
+                .as_ref()
+                .map(|why| format!("{change}: {why}"))
+        })
+        .collect();
+    if refused.is_empty() {
+        return true;
+    }
+    tracing::warn!(
+        resource,
+        refused = %refused.join("; "),
+        "left as the server has it: the wanted change would lose data \
+         (run `darkroom-infra apply --force` to make it)"
+    );
+    false
+}
+
+/// The server's info on stream `name`, or `None` when it does not exist.
+pub async fn stream_info(js: &jetstream::Context, name: &str) -> Result<Option<stream::Info>> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream.cached_info().clone())),
+        Err(error) => match error.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(inner)
+                if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(RuntimeError::jetstream(
+                format!("stream info {name}"),
+                error,
+            )),
+        },
+    }
+}
+
+/// The server's info on durable consumer `name` of `stream`, or `None` when it (or its
+/// stream) does not exist.
+pub async fn consumer_info(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+) -> Result<Option<consumer::Info>> {
+    let handle = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| RuntimeError::jetstream(format!("consumer info {stream}/{name}"), e))?;
+    match handle.consumer_info(name).await {
+        Ok(info) => Ok(Some(info)),
+        Err(error) => match error.kind() {
+            jetstream::context::ConsumerInfoErrorKind::NotFound
+            | jetstream::context::ConsumerInfoErrorKind::StreamNotFound => Ok(None),
+            _ => Err(RuntimeError::jetstream(
+                format!("consumer info {stream}/{name}"),
+                error,
+            )),
+        },
     }
 }
