@@ -162,6 +162,11 @@ pub fn cancel_subject(job: JobId) -> String {
     format!("darkroom.control.cancel.{job}")
 }
 
+/// Wildcard for every cancel request: `darkroom.control.cancel.*`.
+pub fn cancel_subject_filter() -> String {
+    "darkroom.control.cancel.*".to_owned()
+}
+
 /// KV bucket of job records, keyed by job id.
 pub const JOBS_KV: &str = "darkroom_jobs";
 

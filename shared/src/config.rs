@@ -73,6 +73,11 @@ pub struct RuntimeConfig {
     pub ack_wait_secs: f64,
     /// Deliveries before a message is dead-lettered (default 5).
     pub max_deliver: i64,
+    /// Whether a function creates and updates the topology at start (default `true`). Set it
+    /// to `false` (`DARKROOM_JETSTREAM_PROVISION=false`) where the function's NATS user may not
+    /// change streams (see infra/nats): it then only checks that its streams, buckets and
+    /// consumers exist, and provisioning is the provisioner's job.
+    pub jetstream_provision: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -95,6 +100,7 @@ impl Default for RuntimeConfig {
             jetstream_replicas: 1,
             ack_wait_secs: 60.0,
             max_deliver: 5,
+            jetstream_provision: true,
         }
     }
 }
@@ -110,6 +116,19 @@ impl RuntimeConfig {
                 .max(Duration::from_millis(100)),
             max_deliver: self.max_deliver.max(1),
             ..Topology::default()
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Makes the topology ready at a function's start: [`Topology::ensure`] when
+    /// [`Self::jetstream_provision`] is on, [`Topology::check`] (read-only) when it is off.
+    pub async fn prepare_topology(&self, js: &async_nats::jetstream::Context) -> Result<()> {
+        let topology = self.topology();
+        if self.jetstream_provision {
+            topology.ensure(js).await
+        } else {
+            topology.check(js).await
         }
     }
 }

@@ -20,7 +20,7 @@
 //!
 //! Servers are killed when dropped; their temporary directories go with them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
@@ -38,6 +38,7 @@ pub mod webhook;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+pub use darkroom_nats_auth::Role;
 use tempfile::TempDir;
 
 /// Environment variable naming the `nats-server` binary.
@@ -497,6 +498,10 @@ pub struct NatsServer {
     process: Option<Process>,
     ports: PortLease,
     binary: PathBuf,
+    /// The config file (`-c`) of a server started with [`NatsServer::start_secured`].
+    config: Option<PathBuf>,
+    /// Every Darkroom user's password, on a secured server.
+    passwords: BTreeMap<Role, String>,
     dir: TempDir,
 }
 
@@ -506,15 +511,76 @@ impl NatsServer {
         let binary = find_binary(NATS_SERVER_BIN_ENV, "nats-server")?;
         let dir = temp_dir("darkroom-nats-")?;
         let (process, ports) = launch_on_free_ports(Pool::Plain, 2, |ports| {
-            nats_spec(&binary, dir.path(), ports[0], ports[1])
+            nats_spec(&binary, dir.path(), None, ports[0], ports[1])
         })
         .await?;
         Ok(Self {
             process: Some(process),
             ports,
             binary,
+            config: None,
+            passwords: BTreeMap::new(),
             dir,
         })
+    }
+
+    /// Starts a server with Darkroom's authorisation (infra/nats): the `DARKROOM` account,
+    /// one user per [`Role`] with fresh passwords, anonymous connections refused. Connect with
+    /// [`client_as`](Self::client_as) or give a function [`runtime_as`](Self::runtime_as).
+    pub async fn start_secured() -> Result<Self> {
+        let binary = find_binary(NATS_SERVER_BIN_ENV, "nats-server")?;
+        let dir = temp_dir("darkroom-nats-")?;
+        let passwords = darkroom_nats_auth::secrets::load_or_create(&dir.path().join("secrets"))
+            .context("generate the NATS passwords")?;
+        // Listen addresses and the store are given on the command line, which wins over the file.
+        let config = dir.path().join("nats.conf");
+        let text =
+            darkroom_nats_auth::render(&darkroom_nats_auth::ServerSettings::default(), &passwords);
+        fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
+        let (process, ports) = launch_on_free_ports(Pool::Plain, 2, |ports| {
+            nats_spec(&binary, dir.path(), Some(&config), ports[0], ports[1])
+        })
+        .await?;
+        Ok(Self {
+            process: Some(process),
+            ports,
+            binary,
+            config: Some(config),
+            passwords,
+            dir,
+        })
+    }
+
+    /// `role`'s user and password on a server from [`start_secured`](Self::start_secured).
+    ///
+    /// # Panics
+    /// On a server started without authorisation.
+    pub fn credentials(&self, role: Role) -> (String, String) {
+        let password = self
+            .passwords
+            .get(&role)
+            .unwrap_or_else(|| panic!("{} started without authorisation", self.url()));
+        (role.user().to_owned(), password.clone())
+    }
+
+    /// A client connected as `role` (see [`start_secured`](Self::start_secured)).
+    pub async fn client_as(&self, role: Role) -> Result<async_nats::Client> {
+        let (user, password) = self.credentials(role);
+        async_nats::ConnectOptions::with_user_and_password(user, password)
+            .connect(self.url())
+            .await
+            .with_context(|| format!("cannot connect to {} as {}", self.url(), role.user()))
+    }
+
+    /// A function's runtime settings for this server, as `role`.
+    pub fn runtime_as(&self, role: Role) -> darkroom_shared::RuntimeConfig {
+        let (user, password) = self.credentials(role);
+        darkroom_shared::RuntimeConfig {
+            nats_url: self.url(),
+            nats_user: Some(user),
+            nats_password: Some(password),
+            ..darkroom_shared::RuntimeConfig::default()
+        }
     }
 
     /// Client URL, `nats://127.0.0.1:<port>`.
@@ -593,6 +659,7 @@ impl NatsServer {
         let spec = nats_spec(
             &self.binary,
             self.dir.path(),
+            self.config.as_deref(),
             self.port(),
             self.monitor_port(),
         );
@@ -604,21 +671,35 @@ impl NatsServer {
     }
 }
 
-fn nats_spec(binary: &Path, dir: &Path, port: u16, monitor_port: u16) -> ProcessSpec {
+fn nats_spec(
+    binary: &Path,
+    dir: &Path,
+    config: Option<&Path>,
+    port: u16,
+    monitor_port: u16,
+) -> ProcessSpec {
+    let mut args: Vec<String> = Vec::new();
+    if let Some(config) = config {
+        args.extend(["-c".to_owned(), config.display().to_string()]);
+    }
     ProcessSpec {
         what: "nats-server",
         program: binary.to_path_buf(),
-        args: vec![
-            "-js".into(),
-            "-sd".into(),
-            dir.join("store").display().to_string(),
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-m".into(),
-            monitor_port.to_string(),
-        ],
+        args: [
+            args,
+            vec![
+                "-js".into(),
+                "-sd".into(),
+                dir.join("store").display().to_string(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-m".into(),
+                monitor_port.to_string(),
+            ],
+        ]
+        .concat(),
         cwd: dir.to_path_buf(),
         env: Vec::new(),
         env_remove: Vec::new(),

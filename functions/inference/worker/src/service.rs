@@ -24,8 +24,8 @@ use crate::handler::{InferenceHandler, SOURCE};
 pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-inference").await?;
     let js = async_nats::jetstream::new(nats);
+    config.runtime.prepare_topology(&js).await?;
     let topology = config.runtime.topology();
-    topology.ensure(&js).await?;
     let jobs = JobStore::open(&js).await?;
     let s3 = darkroom_shared::s3::client(&config.runtime).await;
 
