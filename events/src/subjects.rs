@@ -35,6 +35,11 @@ pub fn lifecycle_subject(job: JobId, kind: LifecycleKind) -> String {
     format!("darkroom.events.{job}.{}", kind.as_str())
 }
 
+/// Wildcard for one kind of event of every job: `darkroom.events.*.<kind>`.
+pub fn lifecycle_kind_filter(kind: LifecycleKind) -> String {
+    format!("darkroom.events.*.{}", kind.as_str())
+}
+
 /// Wildcard for every event of one job: `darkroom.events.<job>.*`.
 pub fn job_events_filter(job: JobId) -> String {
     format!("darkroom.events.{job}.*")

@@ -136,6 +136,7 @@ async fn each_user_is_refused_what_belongs_to_another() {
     let nats = secured_server().await;
     let job = JobId::for_object(BUCKET, "inbox/desk-setup/a.jpg", "e");
     let event = subjects::lifecycle_subject(job, LifecycleKind::Completed);
+    let queued = subjects::lifecycle_subject(job, LifecycleKind::Queued);
     let upload = subjects::uploads_subject(BUCKET);
     let cancel = subjects::cancel_subject(job);
     let notify = subjects::notify_job_subject(job, LifecycleKind::Completed);
@@ -174,6 +175,7 @@ async fn each_user_is_refused_what_belongs_to_another() {
         upload.as_str(),
         subjects::INFERENCE_JOBS_SUBJECT,
         &event,
+        &queued,
         &fanout,
         &cancel,
         &dlq_inference,
@@ -197,6 +199,8 @@ async fn each_user_is_refused_what_belongs_to_another() {
 
     // What the brief names outright, then every probe against the table.
     let must_refuse = [
+        (Role::Preprocess, Probe::Publish(&event)),
+        (Role::Inference, Probe::Publish(&queued)),
         (
             Role::Notifier,
             Probe::Publish(subjects::INFERENCE_JOBS_SUBJECT),

@@ -7,6 +7,7 @@
 //! replies to its requests and the messages it pulls arrive.
 
 use darkroom_events::Stage;
+use darkroom_events::lifecycle::LifecycleKind;
 use darkroom_events::subjects::{self, consumers};
 
 /// A Darkroom NATS user: one per function, plus the people and tools around them.
@@ -74,7 +75,7 @@ impl Role {
                     Stage::Preprocess,
                 );
                 p.publish(subjects::INFERENCE_JOBS_SUBJECT);
-                p.publish(subjects::EVENTS_SUBJECTS);
+                p.events(&[LifecycleKind::Queued, LifecycleKind::Failed]);
                 p.kv_write(subjects::JOBS_KV);
                 p.kv_list(subjects::WORKERS_KV);
                 p.check_topology();
@@ -102,7 +103,12 @@ impl Role {
                     "$JS.API.STREAM.MSG.DELETE.{}",
                     subjects::JOBS_STREAM
                 ));
-                p.publish(subjects::EVENTS_SUBJECTS);
+                p.events(&[
+                    LifecycleKind::Started,
+                    LifecycleKind::Progress,
+                    LifecycleKind::Completed,
+                    LifecycleKind::Failed,
+                ]);
                 p.subscribe(&subjects::cancel_subject_filter());
                 p.kv_write(subjects::JOBS_KV);
                 p.kv_write(subjects::WORKERS_KV);
@@ -164,6 +170,13 @@ impl Permissions {
 
     fn subscribe(&mut self, subject: &str) {
         self.subscribe.push(subject.to_owned());
+    }
+
+    /// Publishes lifecycle events of these kinds, for any job.
+    fn events(&mut self, kinds: &[LifecycleKind]) {
+        for kind in kinds {
+            self.publish(&subjects::lifecycle_kind_filter(*kind));
+        }
     }
 
     /// Read-only look at the topology: what a function with `jetstream_provision = false`
@@ -252,7 +265,6 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use darkroom_events::JobId;
-    use darkroom_events::lifecycle::LifecycleKind;
 
     use super::*;
 
@@ -273,7 +285,8 @@ mod tests {
         let event = subjects::lifecycle_subject(job, LifecycleKind::Completed);
         let preprocess = Role::Preprocess.permissions();
         assert!(preprocess.may_publish(subjects::INFERENCE_JOBS_SUBJECT));
-        assert!(preprocess.may_publish(&event));
+        assert!(!preprocess.may_publish(&event));
+        assert!(preprocess.may_publish(&subjects::lifecycle_subject(job, LifecycleKind::Queued)));
         assert!(!preprocess.may_publish(&subjects::uploads_subject("b")));
         assert!(!preprocess.may_publish("$JS.API.CONSUMER.MSG.NEXT.DARKROOM_JOBS.inference"));
         assert!(!preprocess.may_publish("$JS.API.STREAM.CREATE.DARKROOM_JOBS"));
