@@ -33,6 +33,26 @@ const KILL_AFTER: usize = 8;
 /// How long the killed node stays down.
 const DOWN_FOR: Duration = Duration::from_secs(4);
 const WAIT: Duration = Duration::from_secs(45);
+/// A small fixed-size preset, so preprocessing (a debug build, on CI's two cores) is quick.
+const PRESET: &str = "cluster-small";
+const PRESET_TOML: &str = r#"
+name = "cluster-small"
+description = "Cluster test: a small fixed size, layout kept by edges."
+prompt = "a test photo, {subject}"
+negative_prompt = "blurry"
+steps = 4
+guidance = 5.0
+scheduler = "dpmpp-2m-karras"
+strength = 0.55
+resolution = { width = 256, height = 256 }
+
+[[controlnets]]
+kind = "canny"
+model = "controlnet-canny-sdxl-1.0"
+scale = 0.6
+start = 0.0
+end = 1.0
+"#;
 
 /// TEST-ONLY STAND-IN for the GPU worker (as in benches/control_plane.rs): the worker's
 /// control-plane work around a render (record `running`, `started`, `completed`, record
@@ -131,6 +151,38 @@ async fn subject_counts(js: &jetstream::Context, stream: &str) -> BTreeMap<Strin
     counts
 }
 
+/// Publishes the object's upload notification until JetStream acknowledges it (during a
+/// leader election a publish may fail; a retried one may be stored twice, as a re-sent S3
+/// notification would be, and must still make one job).
+async fn announce_retrying(js: &jetstream::Context, object: &ObjectRef) {
+    let notification = darkroom_events::S3Notification {
+        records: vec![darkroom_events::S3EventRecord::object_created(
+            "aws:s3", object, None,
+        )],
+    };
+    let payload = serde_json::to_vec(&notification).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let published = match js
+            .publish(subjects::uploads_subject(&object.bucket), payload.clone().into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match published {
+            Ok(()) => return,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "announcing {object}: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 /// The name of the server leading `stream` (after an election, once there is one).
 async fn leader_of(js: &jetstream::Context, stream: &str) -> String {
     darkroom_tests::wait_for(
@@ -150,7 +202,9 @@ async fn leader_of(js: &jetstream::Context, stream: &str) -> String {
 
 #[tokio::test]
 async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
+    let started = std::time::Instant::now();
     let mut cluster = NatsCluster::start(3).await.unwrap();
+    eprintln!("{:?} cluster up", started.elapsed());
     let s3 = S3Server::start(None).await.unwrap();
     let s3_client = s3.client().await;
     darkroom_shared::s3::ensure_bucket(&s3_client, BUCKET)
@@ -182,13 +236,17 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
         |done| *done,
     )
     .await;
+    eprintln!("{:?} topology", started.elapsed());
     let jobs_stream = js.get_stream(subjects::JOBS_STREAM).await.unwrap();
     assert_eq!(jobs_stream.cached_info().config.num_replicas, 3);
 
+    let presets = tempfile::tempdir().unwrap();
+    std::fs::write(presets.path().join(format!("{PRESET}.toml")), PRESET_TOML).unwrap();
     let shutdown = CancellationToken::new();
     let preprocess = tokio::spawn(darkroom_preprocess::service::serve(
         PreprocessConfig {
             runtime: runtime.clone(),
+            preprocess_preset_dir: Some(presets.path().to_path_buf()),
             ..PreprocessConfig::default()
         },
         shutdown.clone(),
@@ -220,19 +278,25 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
         shutdown.clone(),
     ));
 
-    // The batch: every photo stored, then announced.
-    let mut jobs: Vec<JobId> = Vec::new();
+    // The batch: every photo stored; the first half announced now, the second half while the
+    // jobs stream's leader is down.
+    let mut objects = Vec::new();
     for index in 0..UPLOADS {
         let object = darkroom_tests::put_object(
             &s3_client,
             BUCKET,
-            &format!("inbox/desk-setup/cluster-{index:02}.jpg"),
+            &format!("inbox/{PRESET}/cluster-{index:02}.jpg"),
             photo_jpeg(index),
         )
         .await;
-        jobs.push(object.job_id().unwrap());
-        darkroom_tests::announce_upload(&js, &object).await;
+        objects.push(object);
     }
+    let jobs: Vec<JobId> = objects.iter().map(|o| o.job_id().unwrap()).collect();
+    let (first_half, second_half) = objects.split_at(UPLOADS / 2);
+    for object in first_half {
+        darkroom_tests::announce_upload(&js, object).await;
+    }
+    eprintln!("{:?} first half announced", started.elapsed());
     let completed_subject =
         |job: &JobId| subjects::lifecycle_subject(*job, LifecycleKind::Completed);
 
@@ -248,13 +312,20 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
         },
     )
     .await;
+    eprintln!("{:?} {KILL_AFTER} completed", started.elapsed());
     let leader = leader_of(&js, subjects::JOBS_STREAM).await;
     assert!(cluster.names().contains(&leader), "leader {leader:?}");
     cluster.kill(&leader).unwrap();
-    tokio::time::sleep(DOWN_FOR).await;
+    let down_since = tokio::time::Instant::now();
+    for object in second_half {
+        announce_retrying(&js, object).await;
+    }
+    eprintln!("{:?} second half announced", started.elapsed());
     let new_leader = leader_of(&js, subjects::JOBS_STREAM).await;
+    tokio::time::sleep_until(down_since + DOWN_FOR).await;
     assert_ne!(new_leader, leader, "no new leader was elected");
     cluster.restart(&leader).await.unwrap();
+    eprintln!("{:?} restarted {leader}, new leader {new_leader}", started.elapsed());
 
     // Every job completed, and exactly once: one `completed` event and one notification each.
     let notification = |job: &JobId| {
@@ -272,6 +343,7 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
         },
     )
     .await;
+    eprintln!("{:?} all notified", started.elapsed());
     let events = subject_counts(&js, subjects::EVENTS_STREAM).await;
     for job in &jobs {
         assert_eq!(
@@ -298,4 +370,5 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
     preprocess.await.unwrap().unwrap();
     notifier.await.unwrap().unwrap();
     inference.await.unwrap().unwrap();
+    eprintln!("{:?} stopped", started.elapsed());
 }
