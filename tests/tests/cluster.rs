@@ -164,7 +164,10 @@ async fn announce_retrying(js: &jetstream::Context, object: &ObjectRef) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let published = match js
-            .publish(subjects::uploads_subject(&object.bucket), payload.clone().into())
+            .publish(
+                subjects::uploads_subject(&object.bucket),
+                payload.clone().into(),
+            )
             .await
         {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -325,7 +328,10 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
     tokio::time::sleep_until(down_since + DOWN_FOR).await;
     assert_ne!(new_leader, leader, "no new leader was elected");
     cluster.restart(&leader).await.unwrap();
-    eprintln!("{:?} restarted {leader}, new leader {new_leader}", started.elapsed());
+    eprintln!(
+        "{:?} restarted {leader}, new leader {new_leader}",
+        started.elapsed()
+    );
 
     // Every job completed, and exactly once: one `completed` event and one notification each.
     let notification = |job: &JobId| {
