@@ -108,8 +108,7 @@ async fn anonymous_and_wrong_credentials_are_refused() {
     let anonymous = async_nats::ConnectOptions::new()
         .connect(nats.url())
         .await
-        .err()
-        .expect("an anonymous connection was accepted");
+        .expect_err("an anonymous connection was accepted");
     assert!(
         anonymous.to_string().to_lowercase().contains("authoriz"),
         "{anonymous}"
