@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use darkroom_events::subjects::{self, consumers};
+use darkroom_events::{FailureReason, Stage};
 use darkroom_events::{JobId, lifecycle::LifecycleKind};
 use darkroom_nats_auth::Role;
 use darkroom_preprocess::config::PreprocessConfig;
 use darkroom_shared::jobs::JobStore;
+use darkroom_shared::publish::{DeadLetter, Publisher};
 use darkroom_shared::topology::Topology;
 use darkroom_tests::{NatsServer, S3Server};
 use futures::StreamExt;
@@ -214,6 +216,7 @@ async fn each_user_is_refused_what_belongs_to_another() {
         ),
         (Role::Ingest, Probe::Publish(&event)),
         (Role::Operator, Probe::Publish(&update_stream)),
+        (Role::Operator, Probe::Publish(&pull_jobs)),
         (
             Role::Preprocess,
             Probe::Subscribe(subjects::INFERENCE_JOBS_SUBJECT),
@@ -274,6 +277,47 @@ async fn each_user_is_refused_what_belongs_to_another() {
     // relies on to show that the functions were refused nothing.
     let log = std::fs::read_to_string(nats.log_path()).unwrap();
     assert!(log.contains("Publish Violation") || log.contains("Permissions Violation"));
+}
+
+/// Messages `stream` holds.
+async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// Runs the `darkroom` CLI as the operator, configured only through its environment:
+/// (exit code, stdout, stderr).
+async fn operator_cli(nats: &NatsServer, s3: &S3Server, args: &[&str]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"));
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if name.starts_with("DARKROOM_") || name.starts_with("AWS_") {
+            command.env_remove(name);
+        }
+    }
+    let (user, password) = nats.credentials(Role::Operator);
+    let output = command
+        .args(args)
+        .env("DARKROOM_NATS_URL", nats.url())
+        .env("DARKROOM_NATS_USER", user)
+        .env("DARKROOM_NATS_PASSWORD", password)
+        .env("DARKROOM_JETSTREAM_PROVISION", "false")
+        .env("DARKROOM_S3_ENDPOINT", s3.endpoint())
+        .env("DARKROOM_S3_ACCESS_KEY_ID", s3.access_key())
+        .env("DARKROOM_S3_SECRET_ACCESS_KEY", s3.secret_key())
+        .env("DARKROOM_BUCKET", BUCKET)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT, output)
+        .await
+        .expect("the CLI did not exit in time")
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 fn photo_jpeg() -> Vec<u8> {
@@ -375,6 +419,36 @@ async fn the_functions_work_with_their_own_credentials() {
         .await
         .unwrap();
     assert!(record.is_some());
+
+    // The operator's CLI: a job's status, and a dead letter (left by preprocess, as its own
+    // user) replayed onto the uploads subject through an ordered consumer on the DLQ.
+    let (code, stdout, stderr) =
+        operator_cli(&nats, &s3, &["status", &job.to_string(), "--json"]).await;
+    assert_eq!(code, 0, "status: {stdout}{stderr}");
+    let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(status["status"], "queued");
+    let preprocess_js = jetstream::new(nats.client_as(Role::Preprocess).await.unwrap());
+    let uploads_before = stream_len(&provisioner, subjects::UPLOADS_STREAM).await;
+    Publisher::new(preprocess_js, "/darkroom/tests/preprocess")
+        .dead_letter(&DeadLetter {
+            stage: Stage::Preprocess,
+            subject: subjects::uploads_subject(BUCKET),
+            stream: Some(subjects::UPLOADS_STREAM.to_owned()),
+            sequence: Some(1),
+            deliveries: 5,
+            reason: FailureReason::Internal,
+            message: "a test dead letter".to_owned(),
+            payload: bytes::Bytes::from_static(b"{\"Records\":[]}"),
+        })
+        .await
+        .unwrap();
+    let (code, stdout, stderr) = operator_cli(&nats, &s3, &["replay-dlq"]).await;
+    assert_eq!(code, 0, "replay-dlq: {stdout}{stderr}");
+    assert_eq!(stream_len(&provisioner, subjects::DLQ_STREAM).await, 0);
+    assert_eq!(
+        stream_len(&provisioner, subjects::UPLOADS_STREAM).await,
+        uploads_before + 1
+    );
 
     let log = std::fs::read_to_string(nats.log_path()).unwrap();
     assert!(

@@ -128,6 +128,17 @@ impl Role {
                 p.publish("$JS.API.CONSUMER.CREATE.*");
                 p.publish("$JS.API.CONSUMER.CREATE.*.>");
                 p.publish("$JS.API.CONSUMER.DELETE.*.*");
+                // Ordered consumers (random names) are pulled from; the functions' durable
+                // consumers are not the operator's to pull from or delete.
+                p.publish("$JS.API.CONSUMER.MSG.NEXT.*.*");
+                for (stream, consumer) in DURABLE_CONSUMERS {
+                    for api in ["MSG.NEXT", "DELETE", "CREATE", "DURABLE.CREATE"] {
+                        p.publish_deny
+                            .push(format!("$JS.API.CONSUMER.{api}.{stream}.{consumer}"));
+                    }
+                    p.publish_deny
+                        .push(format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}.>"));
+                }
                 p.publish("$JS.FC.>");
                 // Replaying dead letters onto the subjects they came from, then removing them.
                 p.publish(subjects::UPLOADS_SUBJECTS);
@@ -149,6 +160,13 @@ impl Role {
     }
 }
 
+/// The functions' durable consumers: `(stream, consumer)`.
+const DURABLE_CONSUMERS: [(&str, &str); 3] = [
+    (subjects::UPLOADS_STREAM, consumers::PREPROCESS),
+    (subjects::JOBS_STREAM, consumers::INFERENCE),
+    (subjects::EVENTS_STREAM, consumers::NOTIFIER),
+];
+
 /// The reply inbox prefix of the Rust client (`async-nats`' default).
 pub const INBOX: &str = "_INBOX.>";
 /// Every Darkroom subject.
@@ -161,6 +179,9 @@ pub struct Permissions {
     pub publish: Vec<String>,
     /// Subjects it may subscribe to.
     pub subscribe: Vec<String>,
+    /// Exceptions to [`Self::publish`]: subjects it may not publish on even where an allowed
+    /// wildcard covers them.
+    pub publish_deny: Vec<String>,
 }
 
 impl Permissions {
@@ -226,7 +247,11 @@ impl Permissions {
     }
 
     fn dedup(&mut self) {
-        for list in [&mut self.publish, &mut self.subscribe] {
+        for list in [
+            &mut self.publish,
+            &mut self.subscribe,
+            &mut self.publish_deny,
+        ] {
             let mut seen = std::collections::BTreeSet::new();
             list.retain(|subject| seen.insert(subject.clone()));
         }
@@ -237,6 +262,10 @@ impl Permissions {
         self.publish
             .iter()
             .any(|pattern| subject_matches(pattern, subject))
+            && !self
+                .publish_deny
+                .iter()
+                .any(|pattern| subject_matches(pattern, subject))
     }
 
     /// Whether a subscription to `subject` (a literal subject) is allowed.
@@ -308,6 +337,15 @@ mod tests {
         let ingest = Role::Ingest.permissions();
         assert!(ingest.may_publish(&subjects::uploads_subject("photos")));
         assert!(!ingest.may_publish(&event));
+    }
+
+    #[test]
+    fn the_operator_pulls_from_its_own_consumers_only() {
+        let operator = Role::Operator.permissions();
+        assert!(operator.may_publish("$JS.API.CONSUMER.MSG.NEXT.DARKROOM_DLQ.ordered123"));
+        assert!(!operator.may_publish("$JS.API.CONSUMER.MSG.NEXT.DARKROOM_JOBS.inference"));
+        assert!(!operator.may_publish("$JS.API.CONSUMER.DELETE.DARKROOM_EVENTS.notifier"));
+        assert!(operator.may_publish("$JS.API.CONSUMER.DELETE.DARKROOM_EVENTS.ordered123"));
     }
 
     #[test]

@@ -82,12 +82,25 @@ pub fn render(settings: &ServerSettings, passwords: &BTreeMap<Role, String>) -> 
     out.push_str("    jetstream: enabled\n");
     out.push_str("    users: [\n");
     for (role, password) in passwords {
-        let Permissions { publish, subscribe } = role.permissions();
+        let Permissions {
+            publish,
+            subscribe,
+            publish_deny,
+        } = role.permissions();
         let _ = writeln!(out, "      {{");
         let _ = writeln!(out, "        user: {}", quote(role.user()));
         let _ = writeln!(out, "        password: {}", quote(password));
         let _ = writeln!(out, "        permissions {{");
-        let _ = writeln!(out, "          publish {{ allow: {} }}", list(&publish));
+        if publish_deny.is_empty() {
+            let _ = writeln!(out, "          publish {{ allow: {} }}", list(&publish));
+        } else {
+            let _ = writeln!(
+                out,
+                "          publish {{ allow: {}, deny: {} }}",
+                list(&publish),
+                list(&publish_deny)
+            );
+        }
         let _ = writeln!(out, "          subscribe {{ allow: {} }}", list(&subscribe));
         let _ = writeln!(out, "        }}");
         let _ = writeln!(out, "      }}");
@@ -118,9 +131,14 @@ fn list(items: &[String]) -> String {
 
 /// The permission table in Markdown, one row per role (for infra/nats/README.md).
 pub fn markdown_table() -> String {
-    let mut out = String::from("| user | may publish | may subscribe |\n|---|---|---|\n");
+    let mut out =
+        String::from("| user | may publish | except | may subscribe |\n|---|---|---|---|\n");
     for role in Role::ALL {
-        let Permissions { publish, subscribe } = role.permissions();
+        let Permissions {
+            publish,
+            subscribe,
+            publish_deny,
+        } = role.permissions();
         let cell = |subjects: &[String]| {
             subjects
                 .iter()
@@ -130,9 +148,10 @@ pub fn markdown_table() -> String {
         };
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} |",
+            "| `{}` | {} | {} | {} |",
             role.user(),
             cell(&publish),
+            cell(&publish_deny),
             cell(&subscribe)
         );
     }
