@@ -4,6 +4,7 @@
 //! ```text
 //! darkroom-nats-config render --secrets-dir DIR --out nats.conf [--listen 127.0.0.1:4222]
 //!     [--monitor 127.0.0.1:8222] [--store-dir DIR] [--server-name NAME]
+//!     [--cluster-name NAME --cluster-listen 0.0.0.0:6222 --route nats-route://HOST:6222 ...]
 //! darkroom-nats-config table     # the permission table in Markdown
 //! ```
 
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use darkroom_nats_auth::{ServerSettings, render, secrets, server_config};
+use darkroom_nats_auth::{ClusterSettings, ServerSettings, render, secrets, server_config};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,9 +43,18 @@ enum Command {
         /// JetStream store directory.
         #[arg(long)]
         store_dir: Option<PathBuf>,
-        /// Server name.
+        /// Server name (required in a cluster).
         #[arg(long)]
         server_name: Option<String>,
+        /// Cluster name: renders a `cluster {}` block (with --cluster-listen and --route).
+        #[arg(long, requires = "cluster_listen")]
+        cluster_name: Option<String>,
+        /// Route listen address of this server.
+        #[arg(long, requires = "cluster_name")]
+        cluster_listen: Option<String>,
+        /// Route URL of another server (repeat for each).
+        #[arg(long = "route", requires = "cluster_name")]
+        routes: Vec<String>,
     },
     /// Print the permission table in Markdown.
     Table,
@@ -59,6 +69,9 @@ fn main() -> anyhow::Result<()> {
             monitor,
             store_dir,
             server_name,
+            cluster_name,
+            cluster_listen,
+            routes,
         } => {
             let passwords = secrets::load_or_create(&secrets_dir)?;
             let settings = ServerSettings {
@@ -66,7 +79,13 @@ fn main() -> anyhow::Result<()> {
                 monitor: Some(monitor),
                 store_dir,
                 server_name,
-                cluster: None,
+                cluster: cluster_name
+                    .zip(cluster_listen)
+                    .map(|(name, listen)| ClusterSettings {
+                        name,
+                        listen,
+                        routes,
+                    }),
             };
             write_private(&out, &render(&settings, &passwords))
                 .with_context(|| format!("write {}", out.display()))?;

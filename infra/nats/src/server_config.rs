@@ -190,6 +190,27 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_member_gets_its_name_and_routes() {
+        let settings = ServerSettings {
+            server_name: Some("n1".to_owned()),
+            cluster: Some(ClusterSettings {
+                name: "darkroom".to_owned(),
+                listen: "0.0.0.0:6222".to_owned(),
+                routes: vec![
+                    "nats-route://n2:6222".to_owned(),
+                    "nats-route://n3:6222".to_owned(),
+                ],
+            }),
+            ..ServerSettings::default()
+        };
+        let text = render(&settings, &BTreeMap::new());
+        assert!(text.contains("server_name: \"n1\""));
+        assert!(text.contains(
+            "cluster {\n  name: \"darkroom\"\n  listen: \"0.0.0.0:6222\"\n  routes: [\"nats-route://n2:6222\", \"nats-route://n3:6222\"]\n}"
+        ));
+    }
+
+    #[test]
     fn quotes_are_escaped() {
         assert_eq!(quote(r#"a"b\c"#), r#""a\"b\\c""#);
     }
