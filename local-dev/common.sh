@@ -55,3 +55,20 @@ local_curl() {
 port_in_use() {
   (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
+
+# Exports the NATS user of role $1 (ingest, preprocess, notifier, inference,
+# operator, provisioner; see infra/nats) with its password from
+# DARKROOM_NATS_SECRETS_DIR; every role but the provisioner only checks the
+# JetStream topology, which it may not change.
+use_nats_user() {
+  local file="$DARKROOM_NATS_SECRETS_DIR/$1.password"
+  [ -r "$file" ] || die "no NATS password for '$1' in $DARKROOM_NATS_SECRETS_DIR (run 'local-dev/stack start')"
+  export DARKROOM_NATS_USER=$1
+  DARKROOM_NATS_PASSWORD="$(<"$file")"
+  export DARKROOM_NATS_PASSWORD
+  if [ "$1" = provisioner ]; then
+    export DARKROOM_JETSTREAM_PROVISION=true
+  else
+    export DARKROOM_JETSTREAM_PROVISION=false
+  fi
+}

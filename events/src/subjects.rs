@@ -35,6 +35,11 @@ pub fn lifecycle_subject(job: JobId, kind: LifecycleKind) -> String {
     format!("darkroom.events.{job}.{}", kind.as_str())
 }
 
+/// Wildcard for one kind of event of every job: `darkroom.events.*.<kind>`.
+pub fn lifecycle_kind_filter(kind: LifecycleKind) -> String {
+    format!("darkroom.events.*.{}", kind.as_str())
+}
+
 /// Wildcard for every event of one job: `darkroom.events.<job>.*`.
 pub fn job_events_filter(job: JobId) -> String {
     format!("darkroom.events.{job}.*")
@@ -160,6 +165,11 @@ pub fn dlq_subject(stage: Stage) -> String {
 /// Core-NATS subject that asks workers to cancel a job: `darkroom.control.cancel.<job>`.
 pub fn cancel_subject(job: JobId) -> String {
     format!("darkroom.control.cancel.{job}")
+}
+
+/// Wildcard for every cancel request: `darkroom.control.cancel.*`.
+pub fn cancel_subject_filter() -> String {
+    "darkroom.control.cancel.*".to_owned()
 }
 
 /// KV bucket of job records, keyed by job id.

@@ -51,8 +51,16 @@ pub struct DemoOptions {
 /// the job's notifications does: queued, started, progress, then `completed` (printed whole,
 /// the result downloaded into [`DemoOptions::out`]) or `failed` (an error).
 pub async fn demo(config: &RuntimeConfig, options: &DemoOptions) -> anyhow::Result<()> {
-    provision(config).await?;
+    // Provision when this user may (no authorisation, or the provisioner); otherwise (the
+    // operator of the local stack) check that `local-dev/stack start` did.
+    if config.jetstream_provision {
+        provision(config).await?;
+    }
     let nats = darkroom_shared::nats::connect(config, "darkroom-dev").await?;
+    if !config.jetstream_provision {
+        let js = async_nats::jetstream::new(nats.clone());
+        config.topology().check(&js).await?;
+    }
     // Subscribe before uploading so nothing can slip past.
     let mut uploads = nats
         .subscribe(subjects::uploads_subject(&config.bucket))

@@ -91,6 +91,11 @@ pub struct RuntimeConfig {
     pub dlq_max_age_secs: u64,
     /// Seconds job records are kept in the `darkroom_jobs` bucket (default 30 days).
     pub jobs_max_age_secs: u64,
+    /// Whether a function creates and updates the topology at start (default `true`). Set it
+    /// to `false` (`DARKROOM_JETSTREAM_PROVISION=false`) where the function's NATS user may not
+    /// change streams (see infra/nats): it then only checks that its streams, buckets and
+    /// consumers exist, and provisioning is the provisioner's job.
+    pub jetstream_provision: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -121,6 +126,7 @@ impl Default for RuntimeConfig {
             notify_max_age_secs: defaults.notify_max_age.as_secs(),
             dlq_max_age_secs: defaults.dlq_max_age.as_secs(),
             jobs_max_age_secs: defaults.jobs_kv_max_age.as_secs(),
+            jetstream_provision: true,
         }
     }
 }
@@ -156,6 +162,19 @@ impl RuntimeConfig {
                 .max(Duration::from_millis(100)),
             max_deliver: self.max_deliver.max(1),
             ..Topology::default()
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Makes the topology ready at a function's start: [`Topology::ensure`] when
+    /// [`Self::jetstream_provision`] is on, [`Topology::check`] (read-only) when it is off.
+    pub async fn prepare_topology(&self, js: &async_nats::jetstream::Context) -> Result<()> {
+        let topology = self.topology();
+        if self.jetstream_provision {
+            topology.ensure(js).await
+        } else {
+            topology.check(js).await
         }
     }
 }

@@ -27,7 +27,35 @@ pub async fn connect(config: &RuntimeConfig, client_name: &str) -> Result<async_
         options = options.token(token.clone());
     }
     options
-        .connect(config.nats_url.as_str())
+        .connect(server_urls(&config.nats_url))
         .await
         .map_err(|e| connect_error(e.to_string()))
+}
+
+/// The server URLs of a comma-separated list (`nats://a:4222, nats://b:4222`): the client
+/// connects to one of them and learns the rest of a cluster from it, but a list of every seed
+/// lets it start (and reconnect) while any one of them is down.
+pub fn server_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comma_separated_list_gives_every_server() {
+        assert_eq!(
+            server_urls("nats://a:1, nats://b:2,,nats://c:3 "),
+            ["nats://a:1", "nats://b:2", "nats://c:3"]
+        );
+        assert_eq!(
+            server_urls("nats://127.0.0.1:4222"),
+            ["nats://127.0.0.1:4222"]
+        );
+    }
 }

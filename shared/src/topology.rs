@@ -289,6 +289,51 @@ impl Topology {
         Ok(())
     }
 
+    /// Checks, reading only, that every stream, KV bucket and consumer exists: what a function
+    /// whose NATS user may not change the topology does at start (see
+    /// [`crate::RuntimeConfig::jetstream_provision`]). It compares nothing: keeping the
+    /// configuration right is the provisioner's job.
+    pub async fn check(&self, js: &jetstream::Context) -> Result<()> {
+        fn missing(what: String, error: impl std::fmt::Display) -> RuntimeError {
+            RuntimeError::jetstream(
+                format!("{what} is missing or unreadable (run the provisioner)"),
+                error,
+            )
+        }
+        for config in [
+            self.uploads_stream(),
+            self.jobs_stream(),
+            self.events_stream(),
+            self.notify_stream(),
+            self.dlq_stream(),
+        ] {
+            js.get_stream(&config.name)
+                .await
+                .map_err(|e| missing(format!("stream {}", config.name), e))?;
+        }
+        for config in [
+            self.jobs_kv(),
+            self.notifier_deliveries_kv(),
+            self.webhook_endpoints_kv(),
+            self.workers_kv(),
+        ] {
+            js.get_key_value(&config.bucket)
+                .await
+                .map_err(|e| missing(format!("KV {}", config.bucket), e))?;
+        }
+        for (stream, config) in self.consumers() {
+            let name = config.durable_name.clone().unwrap_or_default();
+            let what = || format!("consumer {stream}/{name}");
+            js.get_stream_no_info(stream)
+                .await
+                .map_err(|e| missing(what(), e))?
+                .consumer_info(&name)
+                .await
+                .map_err(|e| missing(what(), e))?;
+        }
+        Ok(())
+    }
+
     fn stream(
         &self,
         name: &str,

@@ -20,7 +20,7 @@
 //!
 //! Servers are killed when dropped; their temporary directories go with them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
@@ -38,6 +38,7 @@ pub mod webhook;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+pub use darkroom_nats_auth::Role;
 use tempfile::TempDir;
 
 /// Environment variable naming the `nats-server` binary.
@@ -497,6 +498,10 @@ pub struct NatsServer {
     process: Option<Process>,
     ports: PortLease,
     binary: PathBuf,
+    /// The config file (`-c`) of a server started with [`NatsServer::start_secured`].
+    config: Option<PathBuf>,
+    /// Every Darkroom user's password, on a secured server.
+    passwords: BTreeMap<Role, String>,
     dir: TempDir,
 }
 
@@ -506,15 +511,76 @@ impl NatsServer {
         let binary = find_binary(NATS_SERVER_BIN_ENV, "nats-server")?;
         let dir = temp_dir("darkroom-nats-")?;
         let (process, ports) = launch_on_free_ports(Pool::Plain, 2, |ports| {
-            nats_spec(&binary, dir.path(), ports[0], ports[1])
+            nats_spec(&binary, dir.path(), None, ports[0], ports[1])
         })
         .await?;
         Ok(Self {
             process: Some(process),
             ports,
             binary,
+            config: None,
+            passwords: BTreeMap::new(),
             dir,
         })
+    }
+
+    /// Starts a server with Darkroom's authorisation (infra/nats): the `DARKROOM` account,
+    /// one user per [`Role`] with fresh passwords, anonymous connections refused. Connect with
+    /// [`client_as`](Self::client_as) or give a function [`runtime_as`](Self::runtime_as).
+    pub async fn start_secured() -> Result<Self> {
+        let binary = find_binary(NATS_SERVER_BIN_ENV, "nats-server")?;
+        let dir = temp_dir("darkroom-nats-")?;
+        let passwords = darkroom_nats_auth::secrets::load_or_create(&dir.path().join("secrets"))
+            .context("generate the NATS passwords")?;
+        // Listen addresses and the store are given on the command line, which wins over the file.
+        let config = dir.path().join("nats.conf");
+        let text =
+            darkroom_nats_auth::render(&darkroom_nats_auth::ServerSettings::default(), &passwords);
+        fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
+        let (process, ports) = launch_on_free_ports(Pool::Plain, 2, |ports| {
+            nats_spec(&binary, dir.path(), Some(&config), ports[0], ports[1])
+        })
+        .await?;
+        Ok(Self {
+            process: Some(process),
+            ports,
+            binary,
+            config: Some(config),
+            passwords,
+            dir,
+        })
+    }
+
+    /// `role`'s user and password on a server from [`start_secured`](Self::start_secured).
+    ///
+    /// # Panics
+    /// On a server started without authorisation.
+    pub fn credentials(&self, role: Role) -> (String, String) {
+        let password = self
+            .passwords
+            .get(&role)
+            .unwrap_or_else(|| panic!("{} started without authorisation", self.url()));
+        (role.user().to_owned(), password.clone())
+    }
+
+    /// A client connected as `role` (see [`start_secured`](Self::start_secured)).
+    pub async fn client_as(&self, role: Role) -> Result<async_nats::Client> {
+        let (user, password) = self.credentials(role);
+        async_nats::ConnectOptions::with_user_and_password(user, password)
+            .connect(self.url())
+            .await
+            .with_context(|| format!("cannot connect to {} as {}", self.url(), role.user()))
+    }
+
+    /// A function's runtime settings for this server, as `role`.
+    pub fn runtime_as(&self, role: Role) -> darkroom_shared::RuntimeConfig {
+        let (user, password) = self.credentials(role);
+        darkroom_shared::RuntimeConfig {
+            nats_url: self.url(),
+            nats_user: Some(user),
+            nats_password: Some(password),
+            ..darkroom_shared::RuntimeConfig::default()
+        }
     }
 
     /// Client URL, `nats://127.0.0.1:<port>`.
@@ -593,6 +659,7 @@ impl NatsServer {
         let spec = nats_spec(
             &self.binary,
             self.dir.path(),
+            self.config.as_deref(),
             self.port(),
             self.monitor_port(),
         );
@@ -604,21 +671,35 @@ impl NatsServer {
     }
 }
 
-fn nats_spec(binary: &Path, dir: &Path, port: u16, monitor_port: u16) -> ProcessSpec {
+fn nats_spec(
+    binary: &Path,
+    dir: &Path,
+    config: Option<&Path>,
+    port: u16,
+    monitor_port: u16,
+) -> ProcessSpec {
+    let mut args: Vec<String> = Vec::new();
+    if let Some(config) = config {
+        args.extend(["-c".to_owned(), config.display().to_string()]);
+    }
     ProcessSpec {
         what: "nats-server",
         program: binary.to_path_buf(),
-        args: vec![
-            "-js".into(),
-            "-sd".into(),
-            dir.join("store").display().to_string(),
-            "-a".into(),
-            "127.0.0.1".into(),
-            "-p".into(),
-            port.to_string(),
-            "-m".into(),
-            monitor_port.to_string(),
-        ],
+        args: [
+            args,
+            vec![
+                "-js".into(),
+                "-sd".into(),
+                dir.join("store").display().to_string(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-m".into(),
+                monitor_port.to_string(),
+            ],
+        ]
+        .concat(),
         cwd: dir.to_path_buf(),
         env: Vec::new(),
         env_remove: Vec::new(),
@@ -628,6 +709,169 @@ fn nats_spec(binary: &Path, dir: &Path, port: u16, monitor_port: u16) -> Process
             expect: Expect::Ok,
         }],
         timeout: NATS_READY_TIMEOUT,
+    }
+}
+
+/// Three (or more) `nats-server` processes clustered on loopback: routes between them,
+/// JetStream on each with its own store and server name (`n1`, `n2`, …). Clients get every
+/// node's URL ([`urls`](Self::urls)); a node can be killed and brought back by name.
+#[derive(Debug)]
+pub struct NatsCluster {
+    // Field order is drop order (see `NatsServer`).
+    nodes: Vec<ClusterNode>,
+    ports: PortLease,
+    binary: PathBuf,
+    dir: TempDir,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    name: String,
+    process: Option<Process>,
+}
+
+/// The cluster's name in the servers' configuration.
+const CLUSTER_NAME: &str = "darkroom-test";
+
+impl NatsCluster {
+    /// Starts `size` servers and waits until each has JetStream enabled. The JetStream meta
+    /// leader may take a moment more: retry the first stream creation.
+    pub async fn start(size: usize) -> Result<Self> {
+        let binary = find_binary(NATS_SERVER_BIN_ENV, "nats-server")?;
+        let dir = temp_dir("darkroom-nats-cluster-")?;
+        // Client, monitoring and route port of every node, chosen together.
+        let ports = PortLease::take(Pool::Plain, size * 3)?;
+        let mut cluster = Self {
+            nodes: (1..=size)
+                .map(|n| ClusterNode {
+                    name: format!("n{n}"),
+                    process: None,
+                })
+                .collect(),
+            ports,
+            binary,
+            dir,
+        };
+        let launches: Vec<ProcessSpec> = (0..size).map(|i| cluster.spec(i)).collect();
+        // Start every node before waiting on any: a node's JetStream waits for its peers.
+        let mut started = Vec::new();
+        for spec in &launches {
+            started.push(launch(spec));
+        }
+        let results = futures::future::join_all(started).await;
+        for (node, result) in cluster.nodes.iter_mut().zip(results) {
+            node.process = Some(result.map_err(LaunchFailure::into_error)?);
+        }
+        Ok(cluster)
+    }
+
+    fn spec(&self, index: usize) -> ProcessSpec {
+        let name = &self.nodes[index].name;
+        let node_dir = self.dir.path().join(name);
+        let _ = fs::create_dir_all(&node_dir);
+        let [client, monitor, route] = self.node_ports(index);
+        let routes: Vec<String> = (0..self.nodes.len())
+            .filter(|other| *other != index)
+            .map(|other| format!("nats-route://127.0.0.1:{}", self.node_ports(other)[2]))
+            .collect();
+        ProcessSpec {
+            what: "nats-server (cluster node)",
+            program: self.binary.clone(),
+            args: vec![
+                "-js".into(),
+                "-sd".into(),
+                node_dir.join("store").display().to_string(),
+                "-n".into(),
+                name.clone(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                client.to_string(),
+                "-m".into(),
+                monitor.to_string(),
+                "--cluster_name".into(),
+                CLUSTER_NAME.into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{route}"),
+                "--routes".into(),
+                routes.join(","),
+            ],
+            cwd: node_dir.clone(),
+            env: Vec::new(),
+            env_remove: Vec::new(),
+            log: node_dir.join("nats-server.log"),
+            probes: vec![Probe {
+                url: format!("http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"),
+                expect: Expect::Ok,
+            }],
+            timeout: NATS_READY_TIMEOUT,
+        }
+    }
+
+    fn node_ports(&self, index: usize) -> [u16; 3] {
+        let base = &self.ports.base;
+        [base[index * 3], base[index * 3 + 1], base[index * 3 + 2]]
+    }
+
+    fn index_of(&self, name: &str) -> Result<usize> {
+        self.nodes
+            .iter()
+            .position(|node| node.name == name)
+            .ok_or_else(|| anyhow!("no cluster node named {name}"))
+    }
+
+    /// Every node's client URL, comma-separated (what `DARKROOM_NATS_URL` takes).
+    pub fn urls(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| format!("nats://127.0.0.1:{}", self.node_ports(i)[0]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The nodes' server names.
+    pub fn names(&self) -> Vec<String> {
+        self.nodes.iter().map(|node| node.name.clone()).collect()
+    }
+
+    /// A node's log.
+    pub fn log_path(&self, name: &str) -> Result<PathBuf> {
+        let index = self.index_of(name)?;
+        Ok(self
+            .dir
+            .path()
+            .join(&self.nodes[index].name)
+            .join("nats-server.log"))
+    }
+
+    /// A client given every node's URL.
+    pub async fn client(&self) -> Result<async_nats::Client> {
+        let urls: Vec<String> = self.urls().split(',').map(str::to_owned).collect();
+        async_nats::ConnectOptions::new()
+            .max_reconnects(None)
+            .connect(urls)
+            .await
+            .with_context(|| format!("cannot connect to {}", self.urls()))
+    }
+
+    /// Kills node `name` at once (SIGKILL), like a crash; its store is kept.
+    pub fn kill(&mut self, name: &str) -> Result<()> {
+        let index = self.index_of(name)?;
+        self.nodes[index].process = None;
+        Ok(())
+    }
+
+    /// Starts node `name` again on its ports with its store, and waits until JetStream is
+    /// enabled on it.
+    pub async fn restart(&mut self, name: &str) -> Result<()> {
+        let index = self.index_of(name)?;
+        if let Some(process) = self.nodes[index].process.take() {
+            process.terminate(STOP_GRACE).await;
+        }
+        let process = launch(&self.spec(index))
+            .await
+            .map_err(|failure| failure.into_error().context(format!("restarting {name}")))?;
+        self.nodes[index].process = Some(process);
+        Ok(())
     }
 }
 

@@ -117,7 +117,7 @@ pub async fn serve(
 pub async fn connect(config: &IngestConfig) -> Result<UploadRelay> {
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-ingest").await?;
     let js = async_nats::jetstream::new(nats);
-    config.runtime.topology().ensure(&js).await?;
+    config.runtime.prepare_topology(&js).await?;
     Ok(UploadRelay::new(
         Publisher::new(js.clone(), "/darkroom/ingest"),
         JobStore::open(&js).await?,

@@ -34,7 +34,7 @@ pub async fn connect(config: &NotifierConfig) -> anyhow::Result<NotifierHandler>
     let sender = WebhookSender::new(&registry, config.limits())?;
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-notifier").await?;
     let js = async_nats::jetstream::new(nats);
-    config.runtime.topology().ensure(&js).await?;
+    config.runtime.prepare_topology(&js).await?;
     let jobs = JobStore::open(&js).await?;
     let ledger = Ledger::open(&js).await?;
     Ok(NotifierHandler::new(

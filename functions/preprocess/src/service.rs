@@ -32,7 +32,7 @@ pub async fn connect(config: &PreprocessConfig) -> anyhow::Result<PreprocessHand
     }
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-preprocess").await?;
     let js = async_nats::jetstream::new(nats);
-    config.runtime.topology().ensure(&js).await?;
+    config.runtime.prepare_topology(&js).await?;
     let jobs = JobStore::open(&js).await?;
     let s3 = darkroom_shared::s3::client(&config.runtime).await;
     Ok(PreprocessHandler::new(

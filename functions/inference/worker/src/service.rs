@@ -30,8 +30,7 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     }
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-inference").await?;
     let js = async_nats::jetstream::new(nats);
-    let topology = config.runtime.topology();
-    topology.ensure(&js).await?;
+    config.runtime.prepare_topology(&js).await?;
     let jobs = JobStore::open(&js).await?;
     let s3 = darkroom_shared::s3::client(&config.runtime).await;
 
