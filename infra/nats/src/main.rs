@@ -6,6 +6,7 @@
 //!     [--monitor 127.0.0.1:8222] [--store-dir DIR] [--server-name NAME]
 //!     [--cluster-name NAME --cluster-listen 0.0.0.0:6222 --route nats-route://HOST:6222 ...]
 //! darkroom-nats-config table     # the permission table in Markdown
+//! darkroom-nats-config k8s-account  # the account block of the Kubernetes config
 //! ```
 
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ enum Command {
     },
     /// Print the permission table in Markdown.
     Table,
+    /// Print the `DARKROOM` account with `$NATS_PASSWORD_<USER>` passwords, for the
+    /// Kubernetes NATS config (infra/k8s/base/nats/config.yaml, between its markers).
+    K8sAccount,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -99,6 +103,7 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Table => print!("{}", server_config::markdown_table()),
+        Command::K8sAccount => print!("{}", server_config::account_block_with_variables()),
     }
     Ok(())
 }
