@@ -9,7 +9,8 @@
 //! once; a poison job (its preset's LoRA file is broken) → dead-lettered with its reason while
 //! the next job flows, and `darkroom replay-dlq` brings it back once the file is fixed; a preset
 //! naming a file no running worker has → refused at upload time; a cancel message → `failed`
-//! with reason `cancelled`.
+//! with reason `cancelled`; a drain request (a preStop hook) → the job in hand finishes, then the
+//! worker exits.
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -314,6 +315,8 @@ impl Stack {
             .env("DARKROOM_WORKER_NAME", name)
             .env("DARKROOM_PROGRESS_INTERVAL_MS", "100")
             .env("DARKROOM_HEALTH_ADDR", format!("127.0.0.1:{health_port}"))
+            // A drained worker finishes its job however slow this shared machine is.
+            .env("DARKROOM_SHUTDOWN_GRACE_SECS", "300")
             .env("RUST_LOG", "info,async_nats=warn")
             .stdout(Stdio::null())
             .stderr(file)
@@ -619,4 +622,29 @@ async fn a_cancel_message_stops_the_job_between_steps() {
     assert!(stack.events(job, "completed").await.is_empty());
     assert_eq!(stack.status(job).await, Some(JobStatus::Failed));
     assert!(worker.log().contains("cancel requested"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_worker_finishes_the_job_in_hand_then_stops() {
+    let stack = Stack::start().await;
+    let mut worker = stack.worker("gpu-a").await;
+    let object = stack.upload("tiny-slow", "dusk.jpg", 7).await;
+    let job = object.job_id().unwrap();
+    stack.announce(&object).await;
+    darkroom_tests::wait_for(WAIT, || stack.events(job, "progress"), |p| !p.is_empty()).await;
+
+    // What a Kubernetes preStop hook does: answered only once the job in hand is settled.
+    let drained = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/drain", worker.health_port))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status().as_u16(), 200);
+    assert_eq!(stack.events(job, "completed").await.len(), 1);
+    let exit = tokio::time::timeout(WAIT, worker.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit}");
+    assert!(stack.events(job, "failed").await.is_empty());
 }
