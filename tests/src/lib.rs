@@ -1137,6 +1137,52 @@ fn toml_string(value: &str) -> String {
     quoted
 }
 
+/// Runs preprocess on the shared consumer loop in this process (pulls expiring after 500 ms,
+/// so it stops quickly), publishing on `js`; cancel the token to stop it.
+///
+/// # Panics
+/// When the jobs KV bucket or the presets cannot be opened (the test's setup is wrong).
+pub async fn spawn_preprocess(
+    js: &async_nats::jetstream::Context,
+    topology: &darkroom_shared::topology::Topology,
+    config: darkroom_preprocess::config::PreprocessConfig,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    use darkroom_events::subjects;
+    let presets = config.presets().unwrap_or_else(|e| panic!("presets: {e}"));
+    let jobs = darkroom_shared::jobs::JobStore::open(js)
+        .await
+        .unwrap_or_else(|e| panic!("jobs KV: {e}"));
+    let handler = std::sync::Arc::new(darkroom_preprocess::handler::PreprocessHandler::new(
+        darkroom_shared::s3::client(&config.runtime).await,
+        darkroom_shared::publish::Publisher::new(js.clone(), darkroom_preprocess::handler::SOURCE),
+        jobs,
+        presets,
+        config,
+    ));
+    let publisher = handler.publisher().clone();
+    let mut settings = darkroom_shared::consumer::ConsumerSettings::new(
+        topology,
+        subjects::UPLOADS_STREAM,
+        subjects::consumers::PREPROCESS,
+    );
+    settings.fetch_expires = Duration::from_millis(500);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            if let Err(error) =
+                darkroom_shared::consumer::run(handler, publisher, settings, shutdown).await
+            {
+                panic!("preprocess stopped: {error}");
+            }
+        }
+    });
+    (shutdown, task)
+}
+
 /// Puts `body` at `bucket`/`key` and returns the object as events refer to it (ETag, size).
 ///
 /// # Panics

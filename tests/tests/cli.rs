@@ -7,7 +7,6 @@
 use std::io::Cursor;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -19,9 +18,7 @@ use darkroom_events::{
 };
 use darkroom_ingest::relay::UploadRelay;
 use darkroom_preprocess::config::PreprocessConfig;
-use darkroom_preprocess::handler::{PreprocessHandler, SOURCE};
 use darkroom_shared::RuntimeConfig;
-use darkroom_shared::consumer::{self, ConsumerSettings};
 use darkroom_shared::jobs::{JobRecord, JobStatus, JobStore};
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::topology::Topology;
@@ -117,30 +114,7 @@ impl Stack {
             runtime: self.runtime(),
             ..PreprocessConfig::default()
         };
-        let handler = Arc::new(PreprocessHandler::new(
-            darkroom_shared::s3::client(&config.runtime).await,
-            Publisher::new(self.js.clone(), SOURCE),
-            JobStore::open(&self.js).await.unwrap(),
-            config.presets().unwrap(),
-            config,
-        ));
-        let publisher = handler.publisher().clone();
-        let mut settings = ConsumerSettings::new(
-            &self.topology,
-            subjects::UPLOADS_STREAM,
-            subjects::consumers::PREPROCESS,
-        );
-        settings.fetch_expires = Duration::from_millis(500);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                consumer::run(handler, publisher, settings, shutdown)
-                    .await
-                    .unwrap();
-            }
-        });
-        (shutdown, task)
+        darkroom_tests::spawn_preprocess(&self.js, &self.topology, config).await
     }
 
     async fn jobs(&self) -> JobStore {
