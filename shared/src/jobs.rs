@@ -91,20 +91,7 @@ impl JobStore {
 
     /// The record of `job` and its revision, if there is one.
     pub async fn get(&self, job: JobId) -> Result<Option<(JobRecord, u64)>> {
-        let key = job.to_string();
-        let entry = self
-            .kv
-            .entry(key.clone())
-            .await
-            .map_err(|e| RuntimeError::jetstream(format!("read job {key}"), e))?;
-        match entry {
-            Some(entry) if entry.operation == kv::Operation::Put => {
-                let record = serde_json::from_slice(&entry.value)
-                    .map_err(|source| RuntimeError::CorruptRecord { key, source })?;
-                Ok(Some((record, entry.revision)))
-            }
-            _ => Ok(None),
-        }
+        crate::kv::read_json(&self.kv, &job.to_string()).await
     }
 
     /// Stores a new record; `false` when one already exists (someone else got there first).

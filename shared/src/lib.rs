@@ -9,7 +9,7 @@
 //! - [`consumer`]: the JetStream pull loop that drives a handler;
 //! - [`lambda`]: the same handler on AWS Lambda;
 //! - [`publish`]: lifecycle events and dead letters;
-//! - [`jobs`]: job records in the jobs KV bucket; [`png`]: metadata-free PNGs;
+//! - [`jobs`]: job records in the jobs KV bucket; [`kv`]: typed JSON values in KV buckets; [`png`]: metadata-free PNGs;
 //! - [`preset`]: studio presets (plain TOML), built-in and from an operator's directory;
 //! - [`workers`]: what each running inference worker can render;
 //! - [`telemetry`]: logs, W3C trace context and Prometheus metrics; [`health`]: liveness and
@@ -21,6 +21,7 @@ pub mod fetch;
 pub mod handler;
 pub mod health;
 pub mod jobs;
+pub mod kv;
 pub mod lambda;
 pub mod nats;
 pub mod png;

@@ -174,20 +174,7 @@ impl Ledger {
     }
 
     async fn entry(&self, webhook_id: &str) -> Result<Option<(DeliveryRecord, u64)>, RuntimeError> {
-        let key = webhook_key(webhook_id);
-        let entry = self
-            .deliveries
-            .entry(key.clone())
-            .await
-            .map_err(|e| RuntimeError::jetstream(format!("read {key}"), e))?;
-        match entry {
-            Some(entry) if entry.operation == kv::Operation::Put => {
-                let record = serde_json::from_slice(&entry.value)
-                    .map_err(|source| RuntimeError::CorruptRecord { key, source })?;
-                Ok(Some((record, entry.revision)))
-            }
-            _ => Ok(None),
-        }
+        darkroom_shared::kv::read_json(&self.deliveries, &webhook_key(webhook_id)).await
     }
 
     /// Claims a delivery for `lease`: granted when it is new, failed before, or its last
@@ -275,20 +262,11 @@ impl Ledger {
         &self,
         endpoint: &Endpoint,
     ) -> Result<Option<DisabledEndpoint>, RuntimeError> {
-        let key = endpoint.id.clone();
-        let entry = self
-            .endpoints
-            .entry(key.clone())
-            .await
-            .map_err(|e| RuntimeError::jetstream(format!("read endpoint {key}"), e))?;
-        match entry {
-            Some(entry) if entry.operation == kv::Operation::Put => {
-                let record: DisabledEndpoint = serde_json::from_slice(&entry.value)
-                    .map_err(|source| RuntimeError::CorruptRecord { key, source })?;
-                Ok((record.url == endpoint.url.as_str()).then_some(record))
-            }
-            _ => Ok(None),
-        }
+        let record: Option<(DisabledEndpoint, u64)> =
+            darkroom_shared::kv::read_json(&self.endpoints, &endpoint.id).await?;
+        Ok(record
+            .map(|(record, _)| record)
+            .filter(|record| record.url == endpoint.url.as_str()))
     }
 
     /// Disables the endpoint (its URL answered 410).
