@@ -698,8 +698,10 @@ impl ControlNet {
         })?;
         let config = ControlNetConfig::from_json(&json)?;
         let mut vs = nn::VarStore::new(device);
-        let model = ControlNetModel::new(vs.root(), &config)?;
+        // Before building: the layers are created in the run dtype (the attention's weights
+        // are views of one stack, which a later cast would pull apart).
         vs.set_kind(dtype.kind());
+        let model = ControlNetModel::new(vs.root(), &config)?;
         source.load(&mut vs)?;
         vs.freeze();
         Ok(Self {

@@ -13,13 +13,74 @@ use crate::Result;
 
 /// Multi-head attention: diffusers' `Attention` as `BasicTransformerBlock` builds it
 /// (`to_q`/`to_k`/`to_v` without bias, `to_out.0` with bias).
+///
+/// The input projections run as one matrix product: self-attention multiplies by `[q; k; v]`
+/// stacked, cross-attention by `[k; v]` (the queries come from another source). The stack is
+/// one tensor and `to_q.weight`, `to_k.weight`, `to_v.weight` are registered in the var store
+/// as views of its rows, so loading and LoRA fusing (both write into those variables in place)
+/// fill the stack directly and nothing is stored twice.
 #[derive(Debug)]
 pub struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
+    queries: StackedProjection,
+    keys_values: Option<StackedProjection>,
     to_out: nn::Linear,
     heads: i64,
+    inner: i64,
+}
+
+/// Linear maps without bias whose weights are row blocks of one matrix.
+#[derive(Debug)]
+struct StackedProjection {
+    stack: Tensor,
+    /// The registered weights, views of `stack` while nothing has replaced their storage.
+    parts: Vec<Tensor>,
+}
+
+impl StackedProjection {
+    /// A zero `[names.len()·out, in_dim]` stack whose row blocks are registered as the `weight`
+    /// of each named linear layer under `path`.
+    fn new(path: &nn::Path, names: &[&str], out: i64, in_dim: i64) -> StackedProjection {
+        let rows = out * names.len() as i64;
+        let stack = Tensor::zeros([rows, in_dim], (path.kind(), path.device()));
+        let parts = (0_i64..)
+            .zip(names)
+            .map(|(index, name)| {
+                (path / *name).add("weight", stack.narrow(0, index * out, out), false)
+            })
+            .collect();
+        StackedProjection { stack, parts }
+    }
+
+    /// `xs` through every part: `[.., parts·out]`, the parts' outputs side by side.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        if self.is_stacked() {
+            xs.linear(&self.stack, None::<Tensor>)
+        } else {
+            let outputs: Vec<Tensor> = self
+                .parts
+                .iter()
+                .map(|part| xs.linear(part, None::<Tensor>))
+                .collect();
+            Tensor::cat(&outputs, -1)
+        }
+    }
+
+    /// Whether the parts still share the stack's memory. Casting or moving a var store after
+    /// building (`VarStore::set_kind`, tch's `VarStore::load` of a file in another dtype) gives
+    /// each variable storage of its own; the layer then multiplies part by part, correct and
+    /// slower. Build in the run dtype and load with [`crate::loader`] to keep the stack.
+    fn is_stacked(&self) -> bool {
+        let element = self.stack.kind().elt_size_in_bytes();
+        let base = self.stack.data_ptr() as usize;
+        let mut offset = 0;
+        self.parts.iter().all(|part| {
+            let shared = part.data_ptr() as usize == base + offset
+                && part.kind() == self.stack.kind()
+                && part.device() == self.stack.device();
+            offset += part.numel() * element;
+            shared
+        })
+    }
 }
 
 impl Attention {
@@ -33,26 +94,54 @@ impl Attention {
         dim_head: i64,
     ) -> Result<Self> {
         let inner = heads * dim_head;
-        let kv_dim = cross_attention_dim.unwrap_or(query_dim);
+        let (queries, keys_values) = match cross_attention_dim {
+            None => (
+                StackedProjection::new(&path, &["to_q", "to_k", "to_v"], inner, query_dim),
+                None,
+            ),
+            Some(context_dim) => (
+                StackedProjection::new(&path, &["to_q"], inner, query_dim),
+                Some(StackedProjection::new(
+                    &path,
+                    &["to_k", "to_v"],
+                    inner,
+                    context_dim,
+                )),
+            ),
+        };
         Ok(Self {
-            to_q: layers::linear(&path / "to_q", query_dim, inner, false),
-            to_k: layers::linear(&path / "to_k", kv_dim, inner, false),
-            to_v: layers::linear(&path / "to_v", kv_dim, inner, false),
+            queries,
+            keys_values,
             to_out: layers::linear(&path / "to_out" / 0, inner, query_dim, true),
             heads,
+            inner,
         })
     }
 
-    /// `xs`: `[b, n, query_dim]`; `context`: `[b, m, cross_attention_dim]`, or `None` to attend
-    /// over `xs` itself. Returns `[b, n, query_dim]`.
+    /// `xs`: `[b, n, query_dim]`; `context`: `[b, m, cross_attention_dim]` for cross-attention
+    /// (`None`: attend over `xs`; self-attention ignores it). Returns `[b, n, query_dim]`.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
-        let context = context.unwrap_or(xs);
         let batch = xs.size()[0];
-        let query = self.to_q.forward(xs);
-        let key = self.to_k.forward(context);
-        let value = self.to_v.forward(context);
-        let inner = query.size()[2];
+        let inner = self.inner;
+        let projected = self.queries.forward(xs);
+        let (query, key, value) = match &self.keys_values {
+            None => (
+                projected.narrow(-1, 0, inner),
+                projected.narrow(-1, inner, inner),
+                projected.narrow(-1, 2 * inner, inner),
+            ),
+            Some(keys_values) => {
+                let kv = keys_values.forward(context.unwrap_or(xs));
+                (
+                    projected,
+                    kv.narrow(-1, 0, inner),
+                    kv.narrow(-1, inner, inner),
+                )
+            }
+        };
         let head_dim = inner / self.heads;
+        // Views of the projections' columns: each head's values stay contiguous (stride 1),
+        // which is what the fused attention kernels ask for.
         let split = |t: Tensor| t.view([batch, -1, self.heads, head_dim]).transpose(1, 2);
         let attended = Tensor::scaled_dot_product_attention(
             &split(query),
@@ -276,4 +365,99 @@ pub(crate) fn dims4(xs: &Tensor) -> (i64, i64, i64, i64) {
         "expected a [b, c, h, w] tensor, got {size:?}"
     );
     (size[0], size[1], size[2], size[3])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// Fills every variable of `vs` with seeded normals, in place (as the loader does).
+    fn randomize(vs: &nn::VarStore) {
+        tch::manual_seed(7);
+        let mut variables: Vec<_> = vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (_, mut var) in variables {
+                let values = Tensor::randn(var.size(), (var.kind(), var.device())) * 0.1;
+                var.copy_(&values);
+            }
+        });
+    }
+
+    /// The attention written out with one matrix per projection, from the registered weights.
+    fn reference(
+        vs: &nn::VarStore,
+        xs: &Tensor,
+        context: &Tensor,
+        heads: i64,
+        prefix: &str,
+    ) -> Tensor {
+        let vars = vs.variables();
+        let weight = |name: &str| &vars[&format!("{prefix}.{name}")];
+        let (b, n, _) = xs.size3().unwrap();
+        let m = context.size()[1];
+        let q = xs.matmul(&weight("to_q.weight").tr());
+        let k = context.matmul(&weight("to_k.weight").tr());
+        let v = context.matmul(&weight("to_v.weight").tr());
+        let inner = q.size()[2];
+        let d = inner / heads;
+        let q = q.view([b, n, heads, d]).permute([0, 2, 1, 3]);
+        let k = k.view([b, m, heads, d]).permute([0, 2, 3, 1]);
+        let v = v.view([b, m, heads, d]).permute([0, 2, 1, 3]);
+        let scores = (q.matmul(&k) / (d as f64).sqrt()).softmax(-1, q.kind());
+        let out = scores
+            .matmul(&v)
+            .permute([0, 2, 1, 3])
+            .reshape([b, n, inner]);
+        out.matmul(&weight("to_out.0.weight").tr()) + weight("to_out.0.bias")
+    }
+
+    #[test]
+    fn stacked_projections_match_one_matrix_per_projection() {
+        for cross in [None, Some(24)] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let attention = Attention::new(vs.root() / "attn", 16, cross, 2, 8).unwrap();
+            randomize(&vs);
+            let xs = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+            let context = Tensor::randn([2, 3, cross.unwrap_or(16)], (Kind::Float, Device::Cpu));
+            let expected = reference(
+                &vs,
+                &xs,
+                if cross.is_some() { &context } else { &xs },
+                2,
+                "attn",
+            );
+            assert!(attention.queries.is_stacked());
+            let actual = attention.forward(&xs, Some(&context));
+            let error = (&actual - &expected).abs().max().double_value(&[]);
+            assert!(error < 1e-5, "cross {cross:?}: max difference {error}");
+        }
+    }
+
+    #[test]
+    fn a_store_cast_after_building_still_gives_the_same_result() {
+        for cross in [None, Some(24)] {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let attention = Attention::new(vs.root() / "attn", 16, cross, 2, 8).unwrap();
+            randomize(&vs);
+            let xs = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+            let context = Tensor::randn([2, 3, cross.unwrap_or(16)], (Kind::Float, Device::Cpu));
+            let stacked = attention.forward(&xs, Some(&context));
+            vs.double();
+            assert!(!attention.queries.is_stacked());
+            let parts = attention.forward(
+                &xs.to_kind(Kind::Double),
+                Some(&context.to_kind(Kind::Double)),
+            );
+            assert_eq!(parts.kind(), Kind::Double);
+            let error = (parts - stacked.to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(error < 1e-5, "cross {cross:?}: max difference {error}");
+        }
+    }
 }

@@ -275,8 +275,9 @@ impl Vae {
             });
         }
         let mut var_store = nn::VarStore::new(device);
-        let model = AutoencoderKL::new(var_store.root(), config)?;
+        // Before building, so every variable is created in `kind` (no cast pass afterwards).
         var_store.set_kind(kind);
+        let model = AutoencoderKL::new(var_store.root(), config)?;
         crate::loader::load_var_store(
             &mut var_store,
             &[weights.to_owned()],
