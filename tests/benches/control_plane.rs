@@ -43,15 +43,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, consumer::PullConsumer, stream};
 use darkroom_events::subjects::{self, consumers};
-use darkroom_events::{
-    CloudEvent, FailureReason, InferenceJob, JobCompleted, JobId, JobStarted, ModelUsed, ObjectRef,
-    S3Message, Stage, StageTimings,
-};
+use darkroom_events::{JobId, ObjectRef, S3Message};
 use darkroom_shared::consumer::{self, ConsumerSettings};
-use darkroom_shared::handler::{Delivery, Handler, HandlerError};
-use darkroom_shared::jobs::{JobStatus, JobStore};
+use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::topology::Topology;
+use darkroom_tests::stand_in::InferenceStandIn;
 use darkroom_tests::{NatsServer, S3Server};
 use futures::StreamExt;
 use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
@@ -336,112 +333,6 @@ async fn observe(client: &async_nats::Client, timelines: Arc<Timelines>) -> Resu
         }
     });
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// The zero-cost inference stand-in (this benchmark only)
-// ---------------------------------------------------------------------------------------
-
-/// BENCHMARK-ONLY STAND-IN for the GPU worker: does the worker's control-plane work around a
-/// render (record `running`, `started`, `completed`, record `completed`; the shared loop acks)
-/// and renders nothing. Its `completed` names result and metadata objects it never writes.
-struct InferenceStandIn {
-    publisher: Publisher,
-    jobs: JobStore,
-    timelines: Arc<Timelines>,
-}
-
-impl InferenceStandIn {
-    /// Moves the job's record to `status`; returns when it was created.
-    async fn mark(
-        &self,
-        job: JobId,
-        status: JobStatus,
-    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, HandlerError> {
-        for _ in 0..5 {
-            let Some((mut record, revision)) = self.jobs.get(job).await.map_err(transient)? else {
-                return Ok(None);
-            };
-            record.status = status;
-            record.updated_at = chrono::Utc::now();
-            if self
-                .jobs
-                .update(&record, revision)
-                .await
-                .map_err(transient)?
-            {
-                return Ok(Some(record.created_at));
-            }
-        }
-        Err(HandlerError::transient(
-            FailureReason::Internal,
-            format!("job {job}: the record kept changing"),
-        ))
-    }
-}
-
-fn transient(error: impl std::fmt::Display) -> HandlerError {
-    HandlerError::transient(FailureReason::Internal, error.to_string())
-}
-
-impl Handler for InferenceStandIn {
-    const STAGE: Stage = Stage::Inference;
-
-    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
-        let pulled = Instant::now();
-        let event = CloudEvent::<InferenceJob>::from_json(&delivery.payload).map_err(|e| {
-            HandlerError::permanent(FailureReason::InvalidEvent, format!("inference job: {e}"))
-        })?;
-        let job = event.data;
-        self.timelines.update(job.job_id, |t| {
-            t.stand_in_pulled.get_or_insert(pulled);
-            t.stand_in_handled += 1;
-        });
-        let started_at = chrono::Utc::now();
-        let created_at = self.mark(job.job_id, JobStatus::Running).await?;
-        self.publisher
-            .lifecycle(
-                JobStarted {
-                    job_id: job.job_id,
-                    worker: STAND_IN_WORKER.to_owned(),
-                    attempt: delivery.attempt,
-                },
-                delivery.traceparent,
-            )
-            .await
-            .map_err(transient)?;
-        let millis_since = |from: chrono::DateTime<chrono::Utc>| {
-            u64::try_from((chrono::Utc::now() - from).num_milliseconds()).unwrap_or(0)
-        };
-        let completed = JobCompleted {
-            job_id: job.job_id,
-            source: job.source.clone(),
-            preset: job.preset.clone(),
-            result: ObjectRef::new(
-                &job.source.bucket,
-                format!("{}result.png", job.output_prefix),
-            ),
-            metadata: ObjectRef::new(&job.source.bucket, format!("{}job.json", job.output_prefix)),
-            seed: job.seed,
-            model: ModelUsed {
-                name: "stand-in (no model: control-plane benchmark)".to_owned(),
-                sha256: String::new(),
-            },
-            loras: Vec::new(),
-            controlnets: Vec::new(),
-            worker: STAND_IN_WORKER.to_owned(),
-            attempt: delivery.attempt,
-            total_ms: created_at.map_or(0, millis_since),
-            inference_ms: millis_since(started_at),
-            timings: StageTimings::default(),
-        };
-        self.publisher
-            .lifecycle(completed, delivery.traceparent)
-            .await
-            .map_err(transient)?;
-        self.mark(job.job_id, JobStatus::Completed).await?;
-        Ok(())
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1082,15 +973,25 @@ async fn run(args: Args) -> Result<bool> {
     wait_consuming(&js, subjects::EVENTS_STREAM, consumers::NOTIFIER).await?;
 
     // The stand-in, on the shared consumer loop like the real worker.
-    let stand_in = Arc::new(InferenceStandIn {
-        publisher: Publisher::new(js.clone(), STAND_IN_SOURCE),
-        jobs: JobStore::open(&js).await?,
-        timelines: timelines.clone(),
-    });
+    let pulled_timelines = timelines.clone();
+    let stand_in = Arc::new(
+        InferenceStandIn::new(
+            Publisher::new(js.clone(), STAND_IN_SOURCE),
+            JobStore::open(&js).await?,
+            STAND_IN_WORKER,
+        )
+        .on_pulled(Arc::new(move |job| {
+            let pulled = Instant::now();
+            pulled_timelines.update(job, |t| {
+                t.stand_in_pulled.get_or_insert(pulled);
+                t.stand_in_handled += 1;
+            });
+        })),
+    );
     let stand_in_shutdown = CancellationToken::new();
     let stand_in_task = tokio::spawn(consumer::run(
         stand_in.clone(),
-        stand_in.publisher.clone(),
+        stand_in.publisher().clone(),
         ConsumerSettings::new(&topology, subjects::JOBS_STREAM, consumers::INFERENCE),
         stand_in_shutdown.clone(),
     ));

@@ -34,6 +34,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 pub mod lambda_api;
+pub mod stand_in;
 pub mod webhook;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -1232,6 +1233,78 @@ pub async fn announce_upload(
     .unwrap_or_else(|e| panic!("publish the upload of {object}: {e}"))
     .await
     .unwrap_or_else(|e| panic!("ack of the upload of {object}: {e}"));
+}
+
+/// A 320×240 JPEG: a checkerboard whose colours depend on `index`, so every index is a
+/// different object (and a different job) with the same quick preprocessing.
+pub fn checkerboard_jpeg(index: usize) -> Vec<u8> {
+    use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
+    let image = RgbImage::from_fn(320, 240, |x, y| {
+        let v = if (x / 20 + y / 20) % 2 == 0 { 220 } else { 30 };
+        Rgb([v, ((x as usize + index * 7) % 256) as u8, (y % 256) as u8])
+    });
+    let mut out = io::Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
+        .write_image(image.as_raw(), 320, 240, ExtendedColorType::Rgb8)
+        .unwrap_or_else(|e| panic!("encoding a test JPEG: {e}"));
+    out.into_inner()
+}
+
+/// [`announce_upload`], retried every 200 ms until JetStream acknowledges it: for uploads
+/// announced while a server restarts or a leader is being elected. A retried publish may be
+/// stored twice, as a re-sent S3 notification would be, and must still make one job.
+///
+/// # Panics
+/// When no publish is acknowledged within `timeout`.
+pub async fn announce_upload_retrying(
+    js: &async_nats::jetstream::Context,
+    object: &darkroom_events::ObjectRef,
+    timeout: Duration,
+) {
+    let notification = darkroom_events::S3Notification {
+        records: vec![darkroom_events::S3EventRecord::object_created(
+            "aws:s3", object, None,
+        )],
+    };
+    let payload = serde_json::to_vec(&notification).unwrap_or_default();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let published = match js
+            .publish(
+                darkroom_events::subjects::uploads_subject(&object.bucket),
+                payload.clone().into(),
+            )
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match published {
+            Ok(()) => return,
+            Err(error) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "announcing {object}: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// How many messages of `stream` each subject holds.
+///
+/// # Panics
+/// When the stream cannot be read (see [`stream_messages`]).
+pub async fn subject_counts(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for message in stream_messages(js, stream).await {
+        *counts.entry(message.subject.to_string()).or_default() += 1;
+    }
+    counts
 }
 
 /// Every message in `stream`, oldest first, without consuming any.

@@ -4,26 +4,20 @@
 //! event per job in the events stream, one notification per job in the notify stream.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use darkroom_events::subjects::{self, consumers};
-use darkroom_events::{
-    CloudEvent, FailureReason, InferenceJob, JobCompleted, JobId, JobStarted, ModelUsed, ObjectRef,
-    Stage, StageTimings, lifecycle::LifecycleKind,
-};
+use darkroom_events::{JobId, lifecycle::LifecycleKind};
 use darkroom_notifier::config::NotifierConfig;
 use darkroom_preprocess::config::PreprocessConfig;
 use darkroom_shared::RuntimeConfig;
 use darkroom_shared::consumer::{self, ConsumerSettings};
-use darkroom_shared::handler::{Delivery, Handler, HandlerError};
-use darkroom_shared::jobs::{JobStatus, JobStore};
+use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::Publisher;
+use darkroom_tests::stand_in::InferenceStandIn;
 use darkroom_tests::{NatsCluster, S3Server};
-use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
 use tokio_util::sync::CancellationToken;
 
 const BUCKET: &str = "photos";
@@ -53,138 +47,6 @@ scale = 0.6
 start = 0.0
 end = 1.0
 "#;
-
-/// TEST-ONLY STAND-IN for the GPU worker (as in benches/control_plane.rs): the worker's
-/// control-plane work around a render (record `running`, `started`, `completed`, record
-/// `completed`; the shared loop acks), rendering nothing.
-struct InferenceStandIn {
-    publisher: Publisher,
-    jobs: JobStore,
-}
-
-fn transient(error: impl std::fmt::Display) -> HandlerError {
-    HandlerError::transient(FailureReason::Internal, error.to_string())
-}
-
-impl InferenceStandIn {
-    async fn mark(&self, job: &InferenceJob, status: JobStatus) -> Result<(), HandlerError> {
-        self.jobs
-            .transition(job.job_id, &job.source, |record| {
-                record.status = status;
-                record.updated_at = chrono::Utc::now();
-                true
-            })
-            .await
-            .map_err(transient)?;
-        Ok(())
-    }
-}
-
-impl Handler for InferenceStandIn {
-    const STAGE: Stage = Stage::Inference;
-
-    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
-        let job = CloudEvent::<InferenceJob>::from_json(&delivery.payload)
-            .map_err(|e| HandlerError::permanent(FailureReason::InvalidEvent, e.to_string()))?
-            .data;
-        self.mark(&job, JobStatus::Running).await?;
-        let worker = "cluster-test-stand-in".to_owned();
-        self.publisher
-            .lifecycle(
-                JobStarted {
-                    job_id: job.job_id,
-                    worker: worker.clone(),
-                    attempt: delivery.attempt,
-                },
-                delivery.traceparent,
-            )
-            .await
-            .map_err(transient)?;
-        let completed = JobCompleted {
-            job_id: job.job_id,
-            source: job.source.clone(),
-            preset: job.preset.clone(),
-            result: ObjectRef::new(
-                &job.source.bucket,
-                format!("{}result.png", job.output_prefix),
-            ),
-            metadata: ObjectRef::new(&job.source.bucket, format!("{}job.json", job.output_prefix)),
-            seed: job.seed,
-            model: ModelUsed {
-                name: "stand-in (no model: cluster test)".to_owned(),
-                sha256: String::new(),
-            },
-            loras: Vec::new(),
-            controlnets: Vec::new(),
-            worker,
-            attempt: delivery.attempt,
-            total_ms: 0,
-            inference_ms: 0,
-            timings: StageTimings::default(),
-        };
-        self.publisher
-            .lifecycle(completed, delivery.traceparent)
-            .await
-            .map_err(transient)?;
-        self.mark(&job, JobStatus::Completed).await
-    }
-}
-
-fn photo_jpeg(index: usize) -> Vec<u8> {
-    let image = RgbImage::from_fn(320, 240, |x, y| {
-        let v = if (x / 20 + y / 20) % 2 == 0 { 220 } else { 30 };
-        Rgb([v, ((x as usize + index * 7) % 256) as u8, (y % 256) as u8])
-    });
-    let mut out = Cursor::new(Vec::new());
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
-        .write_image(image.as_raw(), 320, 240, ExtendedColorType::Rgb8)
-        .unwrap();
-    out.into_inner()
-}
-
-/// How many messages of `stream` each subject holds.
-async fn subject_counts(js: &jetstream::Context, stream: &str) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for message in darkroom_tests::stream_messages(js, stream).await {
-        *counts.entry(message.subject.to_string()).or_default() += 1;
-    }
-    counts
-}
-
-/// Publishes the object's upload notification until JetStream acknowledges it (during a
-/// leader election a publish may fail; a retried one may be stored twice, as a re-sent S3
-/// notification would be, and must still make one job).
-async fn announce_retrying(js: &jetstream::Context, object: &ObjectRef) {
-    let notification = darkroom_events::S3Notification {
-        records: vec![darkroom_events::S3EventRecord::object_created(
-            "aws:s3", object, None,
-        )],
-    };
-    let payload = serde_json::to_vec(&notification).unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let published = match js
-            .publish(
-                subjects::uploads_subject(&object.bucket),
-                payload.clone().into(),
-            )
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
-        match published {
-            Ok(()) => return,
-            Err(error) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "announcing {object}: {error}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
 
 /// The name of the server leading `stream` (after an election, once there is one).
 async fn leader_of(js: &jetstream::Context, stream: &str) -> String {
@@ -266,17 +128,18 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
             .await
             .unwrap(),
     );
-    let stand_in = Arc::new(InferenceStandIn {
-        publisher: Publisher::new(stand_in_js.clone(), "/darkroom/tests/cluster-stand-in"),
-        jobs: JobStore::open(&stand_in_js).await.unwrap(),
-    });
+    let stand_in = Arc::new(InferenceStandIn::new(
+        Publisher::new(stand_in_js.clone(), "/darkroom/tests/cluster-stand-in"),
+        JobStore::open(&stand_in_js).await.unwrap(),
+        "cluster-test-stand-in",
+    ));
     let mut settings =
         ConsumerSettings::new(&topology, subjects::JOBS_STREAM, consumers::INFERENCE);
     settings.fetch_expires = Duration::from_millis(500);
     settings.retry_backoff = vec![Duration::from_millis(300)];
     let inference = tokio::spawn(consumer::run(
         stand_in.clone(),
-        stand_in.publisher.clone(),
+        stand_in.publisher().clone(),
         settings,
         shutdown.clone(),
     ));
@@ -289,7 +152,7 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
             &s3_client,
             BUCKET,
             &format!("inbox/{PRESET}/cluster-{index:02}.jpg"),
-            photo_jpeg(index),
+            darkroom_tests::checkerboard_jpeg(index),
         )
         .await;
         objects.push(object);
@@ -306,7 +169,7 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
     // Mid-run: kill the server leading the jobs stream, bring it back a few seconds later.
     darkroom_tests::wait_for(
         WAIT,
-        || subject_counts(&js, subjects::EVENTS_STREAM),
+        || darkroom_tests::subject_counts(&js, subjects::EVENTS_STREAM),
         |counts| {
             jobs.iter()
                 .filter(|job| counts.contains_key(&completed_subject(job)))
@@ -321,7 +184,7 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
     cluster.kill(&leader).unwrap();
     let down_since = tokio::time::Instant::now();
     for object in second_half {
-        announce_retrying(&js, object).await;
+        darkroom_tests::announce_upload_retrying(&js, object, WAIT).await;
     }
     eprintln!("{:?} second half announced", started.elapsed());
     let new_leader = leader_of(&js, subjects::JOBS_STREAM).await;
@@ -342,7 +205,7 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
     };
     let notify = darkroom_tests::wait_for(
         WAIT,
-        || subject_counts(&js, subjects::NOTIFY_STREAM),
+        || darkroom_tests::subject_counts(&js, subjects::NOTIFY_STREAM),
         |counts| {
             jobs.iter()
                 .all(|job| counts.contains_key(&notification(job)))
@@ -350,7 +213,7 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
     )
     .await;
     eprintln!("{:?} all notified", started.elapsed());
-    let events = subject_counts(&js, subjects::EVENTS_STREAM).await;
+    let events = darkroom_tests::subject_counts(&js, subjects::EVENTS_STREAM).await;
     for job in &jobs {
         assert_eq!(
             events.get(&completed_subject(job)),
@@ -359,7 +222,7 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
         );
         assert_eq!(notify.get(&notification(job)), Some(&1), "{job} notified");
     }
-    let dead_letters = subject_counts(&js, subjects::DLQ_STREAM).await;
+    let dead_letters = darkroom_tests::subject_counts(&js, subjects::DLQ_STREAM).await;
     assert!(dead_letters.is_empty(), "dead letters: {dead_letters:?}");
     let queued = js
         .get_stream(subjects::JOBS_STREAM)
