@@ -8,6 +8,8 @@
 //! - [`watch`]: completion events of a bucket or key prefix as they arrive;
 //! - [`status`]: a job's record and latest lifecycle events;
 //! - [`get`]: download a finished job's result;
+//! - [`presign`]: expiring URLs to a result (GET) or into the inbox (PUT), for clients without
+//!   S3 credentials;
 //! - [`replay`]: put dead letters back on their original subjects.
 //!
 //! Exit codes are the `EXIT_*` constants of [`error`]; `cli/README.md` documents them.
@@ -17,6 +19,7 @@ pub mod error;
 pub mod event;
 pub mod get;
 pub mod lookup;
+pub mod presign;
 pub mod progress;
 pub mod replay;
 pub mod sniff;
@@ -86,6 +89,21 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+    /// Print a presigned GET URL of a finished job's result.png (or job.json), valid for
+    /// --expires-in.
+    Url {
+        /// The job id.
+        job: JobId,
+        /// How long the URL works: 90s, 15m, 2h, 7d (at most 7 days).
+        #[arg(long, default_value = presign::DEFAULT_EXPIRY, value_parser = presign::parse_expiry)]
+        expires_in: std::time::Duration,
+        /// The URL of job.json instead of result.png.
+        #[arg(long)]
+        metadata: bool,
+    },
+    /// Print a presigned PUT URL for inbox/<preset>/<file name>, valid for --expires-in: an
+    /// upload through it (no S3 credentials needed) becomes a job like any other.
+    UploadUrl(presign::UploadUrlArgs),
     /// Put dead letters back on their original subjects, each once, and delete them from the
     /// dead-letter stream.
     ReplayDlq {
@@ -124,6 +142,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Watch { prefix, json } => watch::run(&mut clients, &prefix, json).await,
         Command::Status { job, json } => status::run(&mut clients, job, json).await,
         Command::Get { job, out } => get::run(&mut clients, job, &out).await,
+        Command::Url {
+            job,
+            expires_in,
+            metadata,
+        } => presign::run_url(&mut clients, job, expires_in, metadata).await,
+        Command::UploadUrl(args) => presign::run_upload_url(&mut clients, &args).await,
         Command::ReplayDlq {
             stage,
             job,

@@ -1,7 +1,8 @@
 //! The `darkroom` CLI as a child process against a real nats-server and SeaweedFS: upload
 //! (ingest's relay and preprocess in this process turn it into a queued job), `upload --wait`
-//! driven by the events the notifier would republish, `watch`, `status`, `get` and
-//! `replay-dlq` of a preprocess dead letter.
+//! driven by the events the notifier would republish, `watch`, `status`, `get`, presigned
+//! `url` and `upload-url` (used without credentials, refused once expired) and `replay-dlq` of
+//! a preprocess dead letter.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Cursor;
@@ -855,4 +856,162 @@ async fn replay_dlq_brings_a_dead_letter_back_once() {
     assert_eq!(stack.stream_messages(subjects::JOBS_STREAM).await, 1);
     shutdown.cancel();
     task.await.unwrap();
+}
+
+/// The URL `darkroom url` / `upload-url` print alone on stdout.
+fn printed_url(stdout: &str) -> reqwest::Url {
+    reqwest::Url::parse(stdout.trim()).unwrap_or_else(|e| panic!("{stdout:?}: {e}"))
+}
+
+/// Waits until `url`'s signature has expired (its `X-Amz-Date` + `X-Amz-Expires`, plus a
+/// second for the clocks' rounding).
+async fn until_expired(url: &reqwest::Url) {
+    let query = |name: &str| {
+        url.query_pairs()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_else(|| panic!("{url} has no {name}"))
+    };
+    let signed = chrono::NaiveDateTime::parse_from_str(&query("X-Amz-Date"), "%Y%m%dT%H%M%SZ")
+        .unwrap()
+        .and_utc();
+    let expires = signed + chrono::Duration::seconds(query("X-Amz-Expires").parse().unwrap());
+    let left = (expires - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn an_upload_url_takes_one_photo_without_credentials_until_it_expires() {
+    let stack = Stack::start().await;
+    let (shutdown, task) = stack.preprocess().await;
+    let (code, stdout, stderr) = stack
+        .run_cli(&[
+            "upload-url",
+            "phone photo.jpg",
+            "--preset",
+            PRESET,
+            "--expires-in",
+            "4s",
+        ])
+        .await;
+    assert_eq!(code, 0, "{stderr}");
+    let url = printed_url(&stdout);
+    let key = format!("inbox/{PRESET}/phone photo.jpg");
+    assert!(stderr.contains(&format!("s3://{BUCKET}/{key}")), "{stderr}");
+    assert!(stderr.contains("content-type: image/jpeg"), "{stderr}");
+
+    // A plain HTTP client, no S3 credentials: the signature is the permission.
+    let http = reqwest::Client::new();
+    let photo = photo_jpeg(9);
+    let put = |url: reqwest::Url, content_type: &'static str| {
+        http.put(url)
+            .header("content-type", content_type)
+            .body(photo.clone())
+            .send()
+    };
+    // The signature covers the key and the content type: neither can be changed.
+    let mut other_key = url.clone();
+    other_key.set_path(&format!("/{BUCKET}/inbox/{PRESET}/other.jpg"));
+    assert_eq!(put(other_key, "image/jpeg").await.unwrap().status(), 403);
+    assert_eq!(put(url.clone(), "text/html").await.unwrap().status(), 403);
+    let response = put(url.clone(), "image/jpeg").await.unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+    assert!(!stack.exists(&format!("inbox/{PRESET}/other.jpg")).await);
+    let head = stack
+        .s3_client
+        .head_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.content_type(), Some("image/jpeg"));
+
+    // It becomes a job like any upload (what ingest does with the bucket's event).
+    let relay = UploadRelay::new(
+        Publisher::new(stack.js.clone(), "/darkroom/ingest"),
+        stack.jobs().await,
+        stack.s3_client.clone(),
+        "inbox/",
+    );
+    relay
+        .relay(ObjectRef::new(BUCKET, &key), "darkroom:ingest")
+        .await
+        .unwrap();
+    let job = JobId::for_object(BUCKET, &key, &md5_hex(&photo));
+    wait_for(
+        WAIT,
+        || stack.status(job),
+        |s| *s == Some(JobStatus::Queued),
+    )
+    .await;
+
+    // Expired: refused.
+    until_expired(&url).await;
+    let late = put(url, "image/jpeg").await.unwrap();
+    assert_eq!(late.status(), 403, "{:?}", late.text().await);
+
+    // Bad arguments are usage errors (exit 2).
+    for args in [
+        &[
+            "upload-url",
+            "x.jpg",
+            "--preset",
+            PRESET,
+            "--expires-in",
+            "8d",
+        ][..],
+        &["upload-url", "x.gif", "--preset", PRESET],
+        &["upload-url", "a/x.jpg", "--preset", PRESET],
+    ] {
+        let (code, _, stderr) = stack.run_cli(args).await;
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+    }
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_result_url_serves_the_picture_until_it_expires() {
+    let stack = Stack::start().await;
+    let source = ObjectRef {
+        etag: Some("abc".into()),
+        ..ObjectRef::new(BUCKET, "inbox/desk-setup/shared.jpg")
+    };
+    let job = source.job_id().unwrap();
+    let mut record = JobRecord::received(job, source.clone());
+    record.status = JobStatus::Completed;
+    assert!(stack.jobs().await.create(&record).await.unwrap());
+    stack.lifecycle(completed(job, source.clone())).await;
+    let png = tiny_png();
+    stack
+        .put(&format!("outputs/{job}/result.png"), png.clone())
+        .await;
+    stack
+        .put(&format!("outputs/{job}/job.json"), b"{\"a\":1}".to_vec())
+        .await;
+
+    let (code, stdout, stderr) = stack
+        .run_cli(&["url", &job.to_string(), "--expires-in", "3s"])
+        .await;
+    assert_eq!(code, 0, "{stderr}");
+    let url = printed_url(&stdout);
+    let response = reqwest::get(url.clone()).await.unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+    assert_eq!(response.bytes().await.unwrap().as_ref(), png.as_slice());
+
+    let (code, stdout, stderr) = stack
+        .run_cli(&["url", &job.to_string(), "--metadata"])
+        .await;
+    assert_eq!(code, 0, "{stderr}");
+    let metadata = reqwest::get(printed_url(&stdout)).await.unwrap();
+    assert_eq!(metadata.bytes().await.unwrap().as_ref(), b"{\"a\":1}");
+
+    until_expired(&url).await;
+    assert_eq!(reqwest::get(url).await.unwrap().status(), 403);
+
+    // No such job: exit 5; a job without a result: exit 5 and its status.
+    let unknown = JobId::for_object(BUCKET, "inbox/desk-setup/none.jpg", "0");
+    let (code, _, stderr) = stack.run_cli(&["url", &unknown.to_string()]).await;
+    assert_eq!(code, 5, "{stderr}");
 }
