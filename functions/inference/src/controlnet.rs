@@ -19,6 +19,7 @@ use tch::{Device, Kind, Tensor};
 use crate::device::DType;
 use crate::layers::conv2d;
 use crate::loader::{Component, ComponentSource, WeightVariant};
+use crate::unet::attention::{Attention, Transformer2DModel};
 use crate::unet::unet_2d_blocks::{
     CrossAttnDownBlock2D, DownBlock, DownBlock2D, DownBlockConfig, MidBlockConfig,
     UNetMidBlock2DCrossAttn,
@@ -559,6 +560,31 @@ impl ControlNetModel {
     /// Number of down residuals the model produces (9 for SDXL).
     pub fn num_down_residuals(&self) -> usize {
         self.controlnet_down_blocks.len()
+    }
+
+    /// Every cross-attention layer, down path and middle.
+    fn cross_attentions(&self) -> impl Iterator<Item = &Attention> {
+        self.down_blocks
+            .iter()
+            .flat_map(DownBlock::transformers)
+            .chain(self.mid_block.transformers())
+            .flat_map(Transformer2DModel::cross_attentions)
+    }
+
+    /// As [`crate::unet::UNet2DConditionModel::remember_context`]: the keys and values of
+    /// `context` computed once in every cross-attention layer.
+    pub fn remember_context(&self, context: &Tensor) {
+        let _no_grad = tch::no_grad_guard();
+        for attention in self.cross_attentions() {
+            attention.remember_context(context);
+        }
+    }
+
+    /// Drops what [`Self::remember_context`] stored for `context`.
+    pub fn forget_context(&self, context: &Tensor) {
+        for attention in self.cross_attentions() {
+            attention.forget_context(context);
+        }
     }
 
     /// The residuals for the UNet, each multiplied by `conditioning_scale`.

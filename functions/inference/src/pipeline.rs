@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
-use crate::controlnet::{ControlNet, ControlNetOutput, control_image_to_tensor};
+use crate::controlnet::{ControlNet, ControlNetModel, ControlNetOutput, control_image_to_tensor};
 use crate::device::DType;
 use crate::loader::{Component, Layout, ModelSource, SourceOptions};
 use crate::lora::{LoraFuser, LoraSwitch, LoraTarget, LoraWeights};
@@ -513,6 +513,12 @@ impl SdxlPipeline {
             ..PromptRequest::new(request.prompt.clone())
         })?;
         let (hidden, pooled) = conditioning_batch(&conditioning, self.device, self.kind);
+        // The text's keys and values, once for all steps (forgotten when this returns).
+        let _remembered = RememberedText::new(
+            &self.unet,
+            controls.iter().map(|control| control.net.model()).collect(),
+            &hidden,
+        );
         timings.text = started.elapsed();
 
         let started = Instant::now();
@@ -661,7 +667,18 @@ impl SdxlPipeline {
                     timestep: Timestep::Tensor(timestep),
                     ..*inputs
                 };
-                match graphs.predict(&on_device, controls, &|i, c| self.predict_eager(i, c)) {
+                let remember = |hidden: &Tensor, controls: &[ActiveControl<'_>]| {
+                    self.unet.remember_context(hidden);
+                    for control in controls {
+                        control.net.model().remember_context(hidden);
+                    }
+                };
+                match graphs.predict(
+                    &on_device,
+                    controls,
+                    &|i, c| self.predict_eager(i, c),
+                    &remember,
+                ) {
                     Ok(prediction) => return Ok(prediction),
                     Err(error) => *state = GraphState::Failed(error.to_string()),
                 }
@@ -797,7 +814,9 @@ impl SdxlPipeline {
         #[cfg(feature = "cuda")]
         if let GraphState::On(graphs) = &mut *self.graphs.lock().unwrap_or_else(|e| e.into_inner())
         {
-            graphs.forget_controlnet(id);
+            for hidden in graphs.forget_controlnet(id) {
+                self.unet.forget_context(&hidden);
+            }
         }
         self.controlnets.remove(&id)
     }
@@ -907,6 +926,41 @@ fn build<M>(
     vs.freeze();
     stores.push((component, vs));
     Ok(module)
+}
+
+/// Text states whose cross-attention keys and values the UNet and the generation's
+/// ControlNets remember ([`UNet2DConditionModel::remember_context`]) while it lives.
+struct RememberedText<'a> {
+    unet: &'a UNet2DConditionModel,
+    controlnets: Vec<&'a ControlNetModel>,
+    hidden: &'a Tensor,
+}
+
+impl<'a> RememberedText<'a> {
+    fn new(
+        unet: &'a UNet2DConditionModel,
+        controlnets: Vec<&'a ControlNetModel>,
+        hidden: &'a Tensor,
+    ) -> Self {
+        unet.remember_context(hidden);
+        for net in &controlnets {
+            net.remember_context(hidden);
+        }
+        RememberedText {
+            unet,
+            controlnets,
+            hidden,
+        }
+    }
+}
+
+impl Drop for RememberedText<'_> {
+    fn drop(&mut self) {
+        self.unet.forget_context(self.hidden);
+        for net in &self.controlnets {
+            net.forget_context(self.hidden);
+        }
+    }
 }
 
 /// The UNet's text inputs: `[negative; positive]` when guided.

@@ -80,22 +80,33 @@ impl StepGraphs {
     }
 
     /// Drops every graph that runs ControlNet `id` (before the ControlNet's weights are freed).
-    pub fn forget_controlnet(&mut self, id: ControlNetId) {
-        self.graphs
-            .retain(|key, _| key.controls.iter().all(|(control, _, _)| *control != id));
+    /// Returns their text-state buffers, for the UNet to forget what it remembered of them.
+    pub fn forget_controlnet(&mut self, id: ControlNetId) -> Vec<Tensor> {
+        let dropped: Vec<Tensor> = self
+            .graphs
+            .extract_if(|key, _| key.controls.iter().any(|(control, _, _)| *control == id))
+            .map(|(_, graph)| graph.hidden)
+            .collect();
         if self.graphs.is_empty() {
             self.pool = None;
         }
+        dropped
     }
 
     /// `run(inputs, controls)` through the graph of this step's shape, recorded on first use.
     /// `inputs.timestep` must be a device tensor. Returns a fresh tensor (not the graph's
     /// output buffer, which the next replay overwrites).
+    ///
+    /// `remember(hidden, controls)` has the models compute what they keep of a text-state
+    /// buffer (the cross-attention keys and values): called on the graph's own buffer before
+    /// it is recorded and each time a generation puts new text in it, so a replay reads keys
+    /// and values computed outside the graph, once per generation.
     pub fn predict(
         &mut self,
         inputs: &StepInputs<'_>,
         controls: &[ActiveControl<'_>],
         run: &dyn Fn(&StepInputs<'_>, &[ActiveControl<'_>]) -> Result<Tensor>,
+        remember: &dyn Fn(&Tensor, &[ActiveControl<'_>]),
     ) -> Result<Tensor> {
         let Timestep::Tensor(timestep) = inputs.timestep else {
             return Err(crate::EngineError::InvalidInput {
@@ -116,6 +127,7 @@ impl StepGraphs {
                     timestep,
                     controls,
                     run,
+                    remember,
                 )?;
                 entry.insert(graph)
             }
@@ -127,6 +139,7 @@ impl StepGraphs {
             for (buffer, control) in graph.images.iter_mut().zip(controls) {
                 buffer.copy_(control.image);
             }
+            remember(&graph.hidden, controls);
             graph.generation = generation;
         }
         graph.sample.copy_(inputs.sample);
@@ -137,7 +150,8 @@ impl StepGraphs {
 }
 
 /// Records `run` on copies of the inputs (the graph's buffers) into `pool` (set to a new pool
-/// on the first recording).
+/// on the first recording), after `remember` on the text buffer.
+#[allow(clippy::too_many_arguments)]
 fn record(
     device: usize,
     pool: &mut Option<MemoryPool>,
@@ -146,6 +160,7 @@ fn record(
     timestep: &Tensor,
     controls: &[ActiveControl<'_>],
     run: &dyn Fn(&StepInputs<'_>, &[ActiveControl<'_>]) -> Result<Tensor>,
+    remember: &dyn Fn(&Tensor, &[ActiveControl<'_>]),
 ) -> Result<StepGraph> {
     let sample = inputs.sample.copy();
     let timestep = timestep.copy();
@@ -153,6 +168,7 @@ fn record(
     let pooled = inputs.pooled.copy();
     let time_ids = inputs.time_ids.copy();
     let images: Vec<Tensor> = controls.iter().map(|c| c.image.copy()).collect();
+    remember(&hidden, controls);
     let (graph, output) = CudaGraph::capture(device, *pool, || {
         let fixed = StepInputs {
             sample: &sample,

@@ -79,6 +79,8 @@ fn run(unet: &UNet2DConditionModel, t: &HashMap<String, Tensor>, case: &str) -> 
         .unwrap()
 }
 
+/// Each case against diffusers, computing the text's keys and values in the step and, after
+/// `remember_context`, from what the cross-attention layers remembered (the same bits).
 fn check_model(model: &str) {
     let (_vs, unet) = load(model);
     let t = cases(model);
@@ -91,6 +93,10 @@ fn check_model(model: &str) {
             error <= TOLERANCE,
             "{model}/{case}: relative error {error:e}"
         );
+        let context = &t[&format!("{case}.encoder_hidden_states")];
+        unet.remember_context(context);
+        assert_eq!(run(&unet, &t, case), actual, "{model}/{case} remembered");
+        unet.forget_context(context);
     }
 }
 

@@ -5,6 +5,8 @@
 //! The block is the one of "High-Resolution Image Synthesis with Latent Diffusion Models"
 //! (Rombach et al., 2022, <https://arxiv.org/abs/2112.10752>).
 
+use std::sync::{Mutex, PoisonError};
+
 use crate::layers;
 use tch::Tensor;
 use tch::nn::{self, Module};
@@ -19,6 +21,10 @@ use crate::Result;
 /// one tensor and `to_q.weight`, `to_k.weight`, `to_v.weight` are registered in the var store
 /// as views of its rows, so loading and LoRA fusing (both write into those variables in place)
 /// fill the stack directly and nothing is stored twice.
+///
+/// Cross-attention can remember the keys and values of a text-state tensor
+/// ([`Attention::remember_context`]): the text is the same at every denoising step, so its
+/// projection is computed once per image instead of once per step.
 #[derive(Debug)]
 pub struct Attention {
     queries: StackedProjection,
@@ -26,6 +32,25 @@ pub struct Attention {
     to_out: nn::Linear,
     heads: i64,
     inner: i64,
+    remembered: Mutex<Vec<RememberedContext>>,
+}
+
+/// The keys and values of one text-state tensor.
+#[derive(Debug)]
+struct RememberedContext {
+    /// The tensor they were computed from (held, so its memory cannot be reused by another).
+    context: Tensor,
+    /// `[b, m, 2·inner]`: keys, then values.
+    keys_values: Tensor,
+}
+
+/// Whether `a` and `b` are the same tensor: the same memory seen the same way.
+fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
+    a.data_ptr() == b.data_ptr()
+        && a.size() == b.size()
+        && a.stride() == b.stride()
+        && a.kind() == b.kind()
+        && a.device() == b.device()
 }
 
 /// Linear maps without bias whose weights are row blocks of one matrix.
@@ -115,7 +140,56 @@ impl Attention {
             to_out: layers::linear(&path / "to_out" / 0, inner, query_dim, true),
             heads,
             inner,
+            remembered: Mutex::new(Vec::new()),
         })
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Vec<RememberedContext>> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Computes the keys and values of `context` now, for every later [`Attention::forward`]
+    /// over this same tensor. If it is already remembered, the stored keys and values are
+    /// overwritten in place (their memory stays where a recorded CUDA graph reads it): do that
+    /// whenever the tensor's contents or this layer's weights (a LoRA fused) have changed.
+    /// Self-attention has nothing to remember.
+    pub fn remember_context(&self, context: &Tensor) {
+        let Some(projection) = &self.keys_values else {
+            return;
+        };
+        let keys_values = projection.forward(context);
+        let mut remembered = self.remembered();
+        match remembered
+            .iter_mut()
+            .find(|entry| same_tensor(&entry.context, context))
+        {
+            Some(entry) => {
+                let mut stored = entry.keys_values.shallow_clone();
+                stored.copy_(&keys_values);
+            }
+            None => remembered.push(RememberedContext {
+                context: context.shallow_clone(),
+                keys_values,
+            }),
+        }
+    }
+
+    /// Drops what [`Attention::remember_context`] stored for `context`.
+    pub fn forget_context(&self, context: &Tensor) {
+        self.remembered()
+            .retain(|entry| !same_tensor(&entry.context, context));
+    }
+
+    /// The keys and values of `context`: remembered, or computed now.
+    fn context_keys_values(&self, projection: &StackedProjection, context: &Tensor) -> Tensor {
+        let remembered = self
+            .remembered()
+            .iter()
+            .find(|entry| same_tensor(&entry.context, context))
+            .map(|entry| entry.keys_values.shallow_clone());
+        remembered.unwrap_or_else(|| projection.forward(context))
     }
 
     /// `xs`: `[b, n, query_dim]`; `context`: `[b, m, cross_attention_dim]` for cross-attention
@@ -131,7 +205,7 @@ impl Attention {
                 projected.narrow(-1, 2 * inner, inner),
             ),
             Some(keys_values) => {
-                let kv = keys_values.forward(context.unwrap_or(xs));
+                let kv = self.context_keys_values(keys_values, context.unwrap_or(xs));
                 (
                     projected,
                     kv.narrow(-1, 0, inner),
@@ -235,6 +309,11 @@ impl BasicTransformerBlock {
         })
     }
 
+    /// The cross-attention (`attn2`), if the block has one.
+    pub fn cross_attention(&self) -> Option<&Attention> {
+        self.cross.as_ref().map(|(_, attention)| attention)
+    }
+
     /// `xs`: `[b, n, dim]` tokens; `context`: `[b, m, cross_attention_dim]` text states.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
         let xs = self.attn1.forward(&self.norm1.forward(xs), None) + xs;
@@ -324,6 +403,13 @@ impl Transformer2DModel {
                 c.in_channels,
             ),
         })
+    }
+
+    /// The cross-attention layers of its transformer blocks.
+    pub fn cross_attentions(&self) -> impl Iterator<Item = &Attention> {
+        self.transformer_blocks
+            .iter()
+            .filter_map(BasicTransformerBlock::cross_attention)
     }
 
     /// `xs`: `[b, c, h, w]`; `context`: `[b, m, cross_attention_dim]`. Returns `[b, c, h, w]`.
@@ -459,5 +545,48 @@ mod tests {
                 .double_value(&[]);
             assert!(error < 1e-5, "cross {cross:?}: max difference {error}");
         }
+    }
+
+    #[test]
+    fn remembered_keys_and_values_give_the_same_result_and_follow_in_place_changes() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let attention = Attention::new(vs.root() / "attn", 16, Some(24), 2, 8).unwrap();
+        randomize(&vs);
+        let xs = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        let mut context = Tensor::randn([2, 3, 24], (Kind::Float, Device::Cpu));
+        let computed = attention.forward(&xs, Some(&context));
+        attention.remember_context(&context);
+        let stored = attention.remembered()[0].keys_values.data_ptr();
+        assert_eq!(attention.forward(&xs, Some(&context)), computed);
+
+        // New text in the same buffer: remembered again, in place.
+        let other = Tensor::randn([2, 3, 24], (Kind::Float, Device::Cpu));
+        context.copy_(&other);
+        attention.remember_context(&context);
+        assert_eq!(attention.remembered().len(), 1);
+        assert_eq!(attention.remembered()[0].keys_values.data_ptr(), stored);
+        let expected = reference(&vs, &xs, &other, 2, "attn");
+        let error = (attention.forward(&xs, Some(&context)) - expected)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(error < 1e-5, "max difference {error}");
+
+        // Another tensor with the same values is not the remembered one; forgetting empties.
+        let copy = context.copy();
+        assert!(!same_tensor(&copy, &context));
+        attention.forget_context(&copy);
+        assert_eq!(attention.remembered().len(), 1);
+        attention.forget_context(&context);
+        assert!(attention.remembered().is_empty());
+    }
+
+    #[test]
+    fn self_attention_remembers_nothing() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let attention = Attention::new(vs.root() / "attn", 16, None, 2, 8).unwrap();
+        let xs = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        attention.remember_context(&xs);
+        assert!(attention.remembered().is_empty());
     }
 }

@@ -18,6 +18,7 @@ use tch::{Kind, Tensor};
 
 use crate::layers::{conv2d, group_norm};
 use crate::{EngineError, Result};
+use attention::{Attention, Transformer2DModel};
 use embeddings::{TimestepEmbedding, Timesteps};
 use unet_2d_blocks::{
     AttentionSettings, CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock, DownBlock2D,
@@ -699,6 +700,34 @@ impl UNet2DConditionModel {
                 .iter()
                 .map(|block| block.num_skips().saturating_sub(1))
                 .sum::<usize>()
+    }
+
+    /// Every cross-attention layer, down path, middle and up path.
+    fn cross_attentions(&self) -> impl Iterator<Item = &Attention> {
+        self.down_blocks
+            .iter()
+            .flat_map(DownBlock::transformers)
+            .chain(self.mid_block.transformers())
+            .chain(self.up_blocks.iter().flat_map(UpBlock::transformers))
+            .flat_map(Transformer2DModel::cross_attentions)
+    }
+
+    /// Computes the keys and values of the text states `context` in every cross-attention
+    /// layer once, for every later step over this same tensor ([`Attention::remember_context`]:
+    /// call it again after changing the tensor in place or fusing a LoRA). The results are the
+    /// same; each step then skips one matrix product per transformer block.
+    pub fn remember_context(&self, context: &Tensor) {
+        let _no_grad = tch::no_grad_guard();
+        for attention in self.cross_attentions() {
+            attention.remember_context(context);
+        }
+    }
+
+    /// Drops what [`Self::remember_context`] stored for `context`.
+    pub fn forget_context(&self, context: &Tensor) {
+        for attention in self.cross_attentions() {
+            attention.forget_context(context);
+        }
     }
 
     /// Predicts the noise of `sample`.

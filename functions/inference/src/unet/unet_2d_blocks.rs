@@ -233,6 +233,11 @@ impl CrossAttnDownBlock2D {
         })
     }
 
+    /// Its transformers.
+    pub fn transformers(&self) -> &[Transformer2DModel] {
+        &self.attentions
+    }
+
     /// Like [`DownBlock2D::forward`], each resnet followed by its transformer over `context`.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
         let mut states = Vec::with_capacity(self.resnets.len() + 1);
@@ -275,6 +280,11 @@ impl UNetMidBlock2DCrossAttn {
             resnets,
             attentions,
         })
+    }
+
+    /// Its transformers.
+    pub fn transformers(&self) -> &[Transformer2DModel] {
+        &self.attentions
     }
 
     /// `[b, c, h, w]` → `[b, c, h, w]`.
@@ -375,6 +385,11 @@ impl CrossAttnUpBlock2D {
         self.resnets.len()
     }
 
+    /// Its transformers.
+    pub fn transformers(&self) -> &[Transformer2DModel] {
+        &self.attentions
+    }
+
     /// Like [`UpBlock2D::forward`], each resnet followed by its transformer over `context`.
     pub fn forward(
         &self,
@@ -409,6 +424,14 @@ pub enum DownBlock {
 }
 
 impl DownBlock {
+    /// Its transformers (none for a plain block).
+    pub fn transformers(&self) -> &[Transformer2DModel] {
+        match self {
+            DownBlock::Plain(_) => &[],
+            DownBlock::CrossAttn(block) => block.transformers(),
+        }
+    }
+
     /// Runs the block; `context` is only read by cross-attention blocks.
     pub fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> (Tensor, Vec<Tensor>) {
         match self {
@@ -428,6 +451,14 @@ pub enum UpBlock {
 }
 
 impl UpBlock {
+    /// Its transformers (none for a plain block).
+    pub fn transformers(&self) -> &[Transformer2DModel] {
+        match self {
+            UpBlock::Plain(_) => &[],
+            UpBlock::CrossAttn(block) => block.transformers(),
+        }
+    }
+
     /// Number of skip connections the block consumes.
     pub fn num_skips(&self) -> usize {
         match self {
