@@ -46,9 +46,9 @@ pub fn configured_nkey_seed(config: &RuntimeConfig) -> Result<Option<String>> {
     let password = config.nats_user.is_some() || config.nats_password.is_some();
     match (&config.nats_nkey_file, &config.nats_nkey_seed) {
         (None, None) => Ok(None),
-        (Some(path), Some(_)) => Err(error(path.display().to_string())(
-            NkeyProblem::Ambiguous(NKEY_SEED_VAR),
-        )),
+        (Some(path), Some(_)) => Err(error(path.display().to_string())(NkeyProblem::Ambiguous(
+            NKEY_SEED_VAR,
+        ))),
         (Some(path), None) => {
             let origin = path.display().to_string();
             if password {

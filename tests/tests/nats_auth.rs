@@ -166,7 +166,10 @@ async fn only_the_users_own_seeds_are_accepted() {
     let stranger = async_nats::ConnectOptions::with_nkey(UserKey::generate().seed().to_owned())
         .connect(nats.url())
         .await;
-    assert!(stranger.is_err(), "a seed the config does not know was accepted");
+    assert!(
+        stranger.is_err(),
+        "a seed the config does not know was accepted"
+    );
     for role in Role::ALL {
         nats.client_as(role).await.unwrap();
     }
@@ -199,7 +202,10 @@ async fn the_server_config_holds_no_secret() {
     for role in Role::ALL {
         let key = nats.user_key(role);
         assert!(config.contains(&format!("nkey: \"{}\"", key.public_key())));
-        assert!(!config.contains(key.seed()), "{role:?}'s seed is in the config");
+        assert!(
+            !config.contains(key.seed()),
+            "{role:?}'s seed is in the config"
+        );
     }
     let seeds: Vec<&str> = config
         .split(|c: char| !c.is_ascii_alphanumeric())
