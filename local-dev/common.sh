@@ -56,16 +56,16 @@ port_in_use() {
   (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-# Exports the NATS user of role $1 (ingest, preprocess, notifier, inference,
-# operator, provisioner; see infra/nats) with its password from
-# DARKROOM_NATS_SECRETS_DIR; every role but the provisioner only checks the
-# JetStream topology, which it may not change.
+# Makes the NATS clients of this (sub)shell connect as role $1 (ingest, preprocess,
+# notifier, inference, operator, provisioner; see infra/nats): exports
+# DARKROOM_NATS_NKEY_FILE, the role's NKey seed file in DARKROOM_NATS_SECRETS_DIR (the
+# seed itself never enters the environment), and drops other NATS credentials; every
+# role but the provisioner only checks the JetStream topology, which it may not change.
 use_nats_user() {
-  local file="$DARKROOM_NATS_SECRETS_DIR/$1.password"
-  [ -r "$file" ] || die "no NATS password for '$1' in $DARKROOM_NATS_SECRETS_DIR (run 'local-dev/stack start')"
-  export DARKROOM_NATS_USER=$1
-  DARKROOM_NATS_PASSWORD="$(<"$file")"
-  export DARKROOM_NATS_PASSWORD
+  local file="$DARKROOM_NATS_SECRETS_DIR/$1.nk"
+  [ -r "$file" ] || die "no NATS seed for '$1' in $DARKROOM_NATS_SECRETS_DIR (run 'local-dev/stack start')"
+  unset DARKROOM_NATS_USER DARKROOM_NATS_PASSWORD DARKROOM_NATS_NKEY_SEED
+  export DARKROOM_NATS_NKEY_FILE=$file
   if [ "$1" = provisioner ]; then
     export DARKROOM_JETSTREAM_PROVISION=true
   else

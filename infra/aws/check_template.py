@@ -114,9 +114,12 @@ def main(path):
         check(group in log_groups and "RetentionInDays" in log_groups[group]["Properties"],
               f"{name}: logs to its own log group with a retention")
         variables = p.get("Environment", {}).get("Variables", {})
-        secret_refs = [v for k, v in variables.items() if k.startswith("DARKROOM_NATS_")
-                       and "resolve:secretsmanager" in sub_text(v)]
-        check(len(secret_refs) == 2, f"{name}: NATS user and password come from Secrets Manager")
+        secret_refs = {k for k, v in variables.items() if "resolve:secretsmanager" in sub_text(v)}
+        check(secret_refs == {"DARKROOM_NATS_NKEY_SEED"}
+              and sub_text(variables["DARKROOM_NATS_NKEY_SEED"]).endswith(":SecretString:seed}}"),
+              f"{name}: the NATS NKey seed (and nothing else) comes from Secrets Manager ({sorted(secret_refs)})")
+        check(not {"DARKROOM_NATS_USER", "DARKROOM_NATS_PASSWORD"} & set(variables),
+              f"{name}: a NATS user or password beside the NKey seed")
         check(not any(k in variables for k in ("AWS_ACCESS_KEY_ID", "DARKROOM_S3_ACCESS_KEY_ID")),
               f"{name}: no static AWS keys")
 

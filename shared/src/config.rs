@@ -40,7 +40,15 @@ pub struct RuntimeConfig {
     pub nats_url: String,
     /// NATS credentials file (`.creds`, JWT + NKey) for decentralised auth.
     pub nats_creds: Option<PathBuf>,
-    /// NATS user, with [`Self::nats_password`].
+    /// File holding this function's NKey user seed (`SU…`, one line) for a server that names
+    /// its users by NKey public keys, as Darkroom's own does (`DARKROOM_NATS_NKEY_FILE`; see
+    /// infra/nats). The file must be private: no access for others, at most read for the
+    /// group (what Kubernetes' `fsGroup` gives a mounted Secret).
+    pub nats_nkey_file: Option<PathBuf>,
+    /// The NKey user seed itself (`DARKROOM_NATS_NKEY_SEED`), where a file is awkward (a
+    /// Lambda's environment); set this or [`Self::nats_nkey_file`], not both.
+    pub nats_nkey_seed: Option<String>,
+    /// NATS user, with [`Self::nats_password`] (a server of your own; not with an NKey).
     pub nats_user: Option<String>,
     /// NATS password.
     pub nats_password: Option<String>,
@@ -104,6 +112,8 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             nats_creds: None,
+            nats_nkey_file: None,
+            nats_nkey_seed: None,
             nats_user: None,
             nats_password: None,
             nats_token: None,

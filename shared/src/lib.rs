@@ -50,6 +50,15 @@ pub enum RuntimeError {
         /// What the client said.
         message: String,
     },
+    /// The configured NKey seed cannot be used (missing or unreadable file, a file others may
+    /// read, not a user seed, or given two ways).
+    #[error("NATS NKey seed from {origin}: {problem}")]
+    NkeySeed {
+        /// Where the seed was to come from: the file's path, or `DARKROOM_NATS_NKEY_SEED`.
+        origin: String,
+        /// What is wrong with it.
+        problem: nats::NkeyProblem,
+    },
     /// A JetStream request (stream, consumer, KV, publish) failed.
     #[error("JetStream {operation}: {message}")]
     JetStream {

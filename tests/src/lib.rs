@@ -39,7 +39,7 @@ pub mod webhook;
 
 use anyhow::{Context, Result, anyhow, bail};
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-pub use darkroom_nats_auth::Role;
+pub use darkroom_nats_auth::{Role, UserKey};
 use tempfile::TempDir;
 
 /// Environment variable naming the `nats-server` binary.
@@ -501,8 +501,8 @@ pub struct NatsServer {
     binary: PathBuf,
     /// The config file (`-c`) of a server started with [`NatsServer::start_secured`].
     config: Option<PathBuf>,
-    /// Every Darkroom user's password, on a secured server.
-    passwords: BTreeMap<Role, String>,
+    /// Every Darkroom user's NKey, on a secured server; the seeds are in `<dir>/secrets`.
+    keys: BTreeMap<Role, UserKey>,
     dir: TempDir,
 }
 
@@ -520,23 +520,26 @@ impl NatsServer {
             ports,
             binary,
             config: None,
-            passwords: BTreeMap::new(),
+            keys: BTreeMap::new(),
             dir,
         })
     }
 
     /// Starts a server with Darkroom's authorisation (infra/nats): the `DARKROOM` account,
-    /// one user per [`Role`] with fresh passwords, anonymous connections refused. Connect with
+    /// one NKey user per [`Role`] with fresh seeds (files in a private folder, as
+    /// `darkroom-nats-config render` writes them), anonymous connections refused. Connect with
     /// [`client_as`](Self::client_as) or give a function [`runtime_as`](Self::runtime_as).
     pub async fn start_secured() -> Result<Self> {
         let binary = find_binary(NATS_SERVER_BIN_ENV, "nats-server")?;
         let dir = temp_dir("darkroom-nats-")?;
-        let passwords = darkroom_nats_auth::secrets::load_or_create(&dir.path().join("secrets"))
-            .context("generate the NATS passwords")?;
+        let keys = darkroom_nats_auth::secrets::load_or_create(&dir.path().join("secrets"))
+            .context("generate the NATS users' seeds")?;
         // Listen addresses and the store are given on the command line, which wins over the file.
         let config = dir.path().join("nats.conf");
-        let text =
-            darkroom_nats_auth::render(&darkroom_nats_auth::ServerSettings::default(), &passwords);
+        let text = darkroom_nats_auth::render(
+            &darkroom_nats_auth::ServerSettings::default(),
+            &darkroom_nats_auth::secrets::public_keys(&keys),
+        );
         fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
         let (process, ports) = launch_on_free_ports(Pool::Plain, 2, |ports| {
             nats_spec(&binary, dir.path(), Some(&config), ports[0], ports[1])
@@ -547,39 +550,45 @@ impl NatsServer {
             ports,
             binary,
             config: Some(config),
-            passwords,
+            keys,
             dir,
         })
     }
 
-    /// `role`'s user and password on a server from [`start_secured`](Self::start_secured).
+    /// `role`'s NKey on a server from [`start_secured`](Self::start_secured).
     ///
     /// # Panics
     /// On a server started without authorisation.
-    pub fn credentials(&self, role: Role) -> (String, String) {
-        let password = self
-            .passwords
+    pub fn user_key(&self, role: Role) -> &UserKey {
+        self.keys
             .get(&role)
-            .unwrap_or_else(|| panic!("{} started without authorisation", self.url()));
-        (role.user().to_owned(), password.clone())
+            .unwrap_or_else(|| panic!("{} started without authorisation", self.url()))
+    }
+
+    /// The private file (0600) holding `role`'s seed, for `DARKROOM_NATS_NKEY_FILE`.
+    pub fn seed_file(&self, role: Role) -> PathBuf {
+        darkroom_nats_auth::secrets::seed_path(&self.dir.path().join("secrets"), role)
+    }
+
+    /// The config file a secured server runs with.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
     }
 
     /// A client connected as `role` (see [`start_secured`](Self::start_secured)).
     pub async fn client_as(&self, role: Role) -> Result<async_nats::Client> {
-        let (user, password) = self.credentials(role);
-        async_nats::ConnectOptions::with_user_and_password(user, password)
+        async_nats::ConnectOptions::with_nkey(self.user_key(role).seed().to_owned())
             .connect(self.url())
             .await
             .with_context(|| format!("cannot connect to {} as {}", self.url(), role.user()))
     }
 
-    /// A function's runtime settings for this server, as `role`.
+    /// A function's runtime settings for this server, as `role`: its seed file in
+    /// [`RuntimeConfig::nats_nkey_file`](darkroom_shared::RuntimeConfig::nats_nkey_file).
     pub fn runtime_as(&self, role: Role) -> darkroom_shared::RuntimeConfig {
-        let (user, password) = self.credentials(role);
         darkroom_shared::RuntimeConfig {
             nats_url: self.url(),
-            nats_user: Some(user),
-            nats_password: Some(password),
+            nats_nkey_file: Some(self.seed_file(role)),
             ..darkroom_shared::RuntimeConfig::default()
         }
     }

@@ -1,10 +1,12 @@
-//! Darkroom's NATS authorisation (infra/nats) against a real nats-server: anonymous and wrong
-//! credentials are refused, each function's user is refused what belongs to another (the
-//! server agrees with the permission table, probe by probe), and the real functions run with
-//! nothing but their own credentials.
+//! Darkroom's NATS authorisation (infra/nats) against a real nats-server: NKey users only, so
+//! anonymous connections, passwords, unknown seeds and a user's public key signed with
+//! another user's seed are refused; the config the server runs with holds no secret; each
+//! function's user is refused what belongs to another (the server agrees with the permission
+//! table, probe by probe); and the real functions and the CLI run with nothing but their own
+//! seed files.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Cursor;
+use std::io::{BufRead as _, BufReader, Cursor, Write as _};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -16,7 +18,7 @@ use darkroom_preprocess::config::PreprocessConfig;
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::{DeadLetter, Publisher};
 use darkroom_shared::topology::Topology;
-use darkroom_tests::{NatsServer, S3Server};
+use darkroom_tests::{NatsServer, S3Server, UserKey};
 use futures::StreamExt;
 use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
 use tokio::sync::mpsc;
@@ -40,9 +42,9 @@ async fn client_with_errors(
     nats: &NatsServer,
     role: Role,
 ) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
-    let (user, password) = nats.credentials(role);
+    let seed = nats.user_key(role).seed().to_owned();
     let (errors_tx, errors) = mpsc::unbounded_channel();
-    let client = async_nats::ConnectOptions::with_user_and_password(user, password)
+    let client = async_nats::ConnectOptions::with_nkey(seed)
         .event_callback(move |event| {
             let errors_tx = errors_tx.clone();
             async move {
@@ -104,8 +106,47 @@ async fn refused(
     }
 }
 
+/// What the server answers a hand-written `CONNECT` that claims `public_key` and signs the
+/// server's nonce with `signer`'s seed, followed by a `PING`: its first line after `INFO`
+/// (`PONG` when accepted, `-ERR 'Authorization Violation'` when refused).
+async fn raw_nkey_connect(nats: &NatsServer, public_key: &str, signer: &UserKey) -> String {
+    let address = format!("127.0.0.1:{}", nats.port());
+    let public_key = public_key.to_owned();
+    let signer = nkeys::KeyPair::from_seed(signer.seed()).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let stream = std::net::TcpStream::connect(address).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut info = String::new();
+        reader.read_line(&mut info).unwrap();
+        let info: serde_json::Value =
+            serde_json::from_str(info.strip_prefix("INFO ").unwrap()).unwrap();
+        let nonce = info["nonce"].as_str().unwrap();
+        use base64::Engine as _;
+        let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(signer.sign(nonce.as_bytes()).unwrap());
+        let connect = serde_json::json!({
+            "verbose": false,
+            "pedantic": false,
+            "protocol": 1,
+            "nkey": public_key,
+            "sig": signature,
+        });
+        let mut writer = stream;
+        write!(writer, "CONNECT {connect}\r\nPING\r\n").unwrap();
+        writer.flush().unwrap();
+        let mut answer = String::new();
+        reader.read_line(&mut answer).unwrap();
+        answer.trim().to_owned()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
-async fn anonymous_and_wrong_credentials_are_refused() {
+async fn only_the_users_own_seeds_are_accepted() {
     let nats = secured_server().await;
     let anonymous = async_nats::ConnectOptions::new()
         .connect(nats.url())
@@ -115,21 +156,75 @@ async fn anonymous_and_wrong_credentials_are_refused() {
         anonymous.to_string().to_lowercase().contains("authoriz"),
         "{anonymous}"
     );
-    let wrong = async_nats::ConnectOptions::with_user_and_password(
+    let password = async_nats::ConnectOptions::with_user_and_password(
         "ingest".to_owned(),
         "not-the-password".to_owned(),
     )
     .connect(nats.url())
     .await;
-    assert!(wrong.is_err(), "a wrong password was accepted");
+    assert!(password.is_err(), "a user and password were accepted");
+    let stranger = async_nats::ConnectOptions::with_nkey(UserKey::generate().seed().to_owned())
+        .connect(nats.url())
+        .await;
+    assert!(
+        stranger.is_err(),
+        "a seed the config does not know was accepted"
+    );
     for role in Role::ALL {
         nats.client_as(role).await.unwrap();
     }
+
+    // The challenge by hand: ingest's public key with ingest's own signature is accepted (the
+    // hand-written client is right), with preprocess's signature refused.
+    let ingest = nats.user_key(Role::Ingest);
+    let preprocess = nats.user_key(Role::Preprocess);
+    assert_eq!(
+        raw_nkey_connect(&nats, ingest.public_key(), ingest).await,
+        "PONG"
+    );
+    let borrowed = raw_nkey_connect(&nats, ingest.public_key(), preprocess).await;
+    assert!(
+        borrowed.starts_with("-ERR") && borrowed.contains("Authorization Violation"),
+        "ingest's key signed by preprocess: {borrowed}"
+    );
+
     // Monitoring answers on the loopback address it was given.
     let health = reqwest::get(format!("{}/healthz", nats.monitor_url()))
         .await
         .unwrap();
     assert!(health.status().is_success());
+}
+
+#[tokio::test]
+async fn the_server_config_holds_no_secret() {
+    let nats = secured_server().await;
+    let config = std::fs::read_to_string(nats.config_path().unwrap()).unwrap();
+    for role in Role::ALL {
+        let key = nats.user_key(role);
+        assert!(config.contains(&format!("nkey: \"{}\"", key.public_key())));
+        assert!(
+            !config.contains(key.seed()),
+            "{role:?}'s seed is in the config"
+        );
+    }
+    let seeds: Vec<&str> = config
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|word| word.starts_with("SU") && nkeys::decode_seed(word).is_ok())
+        .collect();
+    assert!(seeds.is_empty(), "seeds in the config: {seeds:?}");
+    assert!(!config.contains("password"), "{config}");
+    // The seed files the functions read are private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for role in Role::ALL {
+            let mode = std::fs::metadata(nats.seed_file(role))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{role:?}: {mode:o}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -273,7 +368,7 @@ async fn each_user_is_refused_what_belongs_to_another() {
         checked,
         Role::ALL.len() * (publishes.len() + subscriptions.len())
     );
-    // The server logs each refusal: what the_functions_work_with_their_own_credentials
+    // The server logs each refusal: what the_functions_work_with_their_own_seeds
     // relies on to show that the functions were refused nothing.
     let log = std::fs::read_to_string(nats.log_path()).unwrap();
     assert!(log.contains("Publish Violation") || log.contains("Permissions Violation"));
@@ -288,6 +383,17 @@ async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
 /// Runs the `darkroom` CLI as the operator, configured only through its environment:
 /// (exit code, stdout, stderr).
 async fn operator_cli(nats: &NatsServer, s3: &S3Server, args: &[&str]) -> (i32, String, String) {
+    cli_with_seed_file(nats, s3, &nats.seed_file(Role::Operator), args).await
+}
+
+/// Runs the `darkroom` CLI with `DARKROOM_NATS_NKEY_FILE=seed_file`: (exit code, stdout,
+/// stderr).
+async fn cli_with_seed_file(
+    nats: &NatsServer,
+    s3: &S3Server,
+    seed_file: &std::path::Path,
+    args: &[&str],
+) -> (i32, String, String) {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"));
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy().into_owned();
@@ -295,12 +401,10 @@ async fn operator_cli(nats: &NatsServer, s3: &S3Server, args: &[&str]) -> (i32, 
             command.env_remove(name);
         }
     }
-    let (user, password) = nats.credentials(Role::Operator);
     let output = command
         .args(args)
         .env("DARKROOM_NATS_URL", nats.url())
-        .env("DARKROOM_NATS_USER", user)
-        .env("DARKROOM_NATS_PASSWORD", password)
+        .env("DARKROOM_NATS_NKEY_FILE", seed_file)
         .env("DARKROOM_JETSTREAM_PROVISION", "false")
         .env("DARKROOM_S3_ENDPOINT", s3.endpoint())
         .env("DARKROOM_S3_ACCESS_KEY_ID", s3.access_key())
@@ -332,12 +436,14 @@ fn photo_jpeg() -> Vec<u8> {
     out.into_inner()
 }
 
-/// Preprocess runs in-process as its own user, checking (not changing) the topology; an upload
-/// announced by the ingest user becomes a queued job, which the inference user pulls and acks,
-/// the notifier user reads the events, and the operator reads the job record. The server logs
-/// no permission violation along the way.
+/// Preprocess runs in-process as its own user (its seed file in `DARKROOM_NATS_NKEY_FILE`'s
+/// setting), checking (not changing) the topology; an upload announced by the ingest user
+/// becomes a queued job, which the inference user pulls and acks, the notifier user reads the
+/// events, and the operator reads the job record and, with the CLI, its status and replays a
+/// dead letter. A seed file others may read stops the CLI at start with an error naming the
+/// file. The server logs no permission violation along the way.
 #[tokio::test]
-async fn the_functions_work_with_their_own_credentials() {
+async fn the_functions_work_with_their_own_seeds() {
     let nats = secured_server().await;
     let s3 = S3Server::start(None).await.unwrap();
     let s3_client = s3.client().await;
@@ -449,6 +555,24 @@ async fn the_functions_work_with_their_own_credentials() {
         stream_len(&provisioner, subjects::UPLOADS_STREAM).await,
         uploads_before + 1
     );
+
+    // A seed file others may read: the CLI refuses it before connecting, naming the file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("operator.nk");
+        std::fs::copy(nats.seed_file(Role::Operator), &open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (code, stdout, stderr) =
+            cli_with_seed_file(&nats, &s3, &open, &["status", &job.to_string()]).await;
+        assert_ne!(code, 0, "an open seed file was used: {stdout}{stderr}");
+        assert!(
+            stderr.contains(&open.display().to_string()) && stderr.contains("chmod 600"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
 
     let log = std::fs::read_to_string(nats.log_path()).unwrap();
     assert!(

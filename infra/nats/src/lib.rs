@@ -1,7 +1,8 @@
 //! Darkroom's NATS security in one declarative place: the `DARKROOM` account, one user per
 //! function ([`Role`]) with least-privilege permissions derived from
 //! [`darkroom_events::subjects`] ([`permissions`]), rendered into a `nats-server` config
-//! ([`server_config`]) with passwords generated locally ([`secrets`]).
+//! ([`server_config`]) that names each user by its NKey public key; the seeds are generated
+//! locally and never leave their clients ([`secrets`]).
 //!
 //! The binary `darkroom-nats-config` writes the config; `infra/nats/README.md` has the table.
 
@@ -10,4 +11,5 @@ pub mod secrets;
 pub mod server_config;
 
 pub use permissions::{Permissions, Role};
+pub use secrets::UserKey;
 pub use server_config::{ACCOUNT, ClusterSettings, ServerSettings, render};

@@ -1,11 +1,13 @@
 //! `darkroom-nats-config`: writes a `nats-server` config with Darkroom's account, users and
-//! permissions, generating missing passwords into a private folder.
+//! permissions, generating missing NKey seeds into a private folder.
 //!
 //! ```text
 //! darkroom-nats-config render --secrets-dir DIR --out nats.conf [--listen 127.0.0.1:4222]
 //!     [--monitor 127.0.0.1:8222] [--store-dir DIR] [--server-name NAME]
 //!     [--cluster-name NAME --cluster-listen 0.0.0.0:6222 --route nats-route://HOST:6222 ...]
-//! darkroom-nats-config table     # the permission table in Markdown
+//! darkroom-nats-config new-seed     # a fresh user seed (SU…) on stdout
+//! darkroom-nats-config public-key [--seed-file FILE]   # the U… key of a seed (stdin by default)
+//! darkroom-nats-config table        # the permission table in Markdown
 //! darkroom-nats-config k8s-account  # the account block of the Kubernetes config
 //! ```
 
@@ -13,7 +15,11 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use darkroom_nats_auth::{ClusterSettings, ServerSettings, render, secrets, server_config};
+use std::io::Read as _;
+
+use darkroom_nats_auth::{
+    ClusterSettings, ServerSettings, UserKey, render, secrets, server_config,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,12 +35,12 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Write the config, generating the passwords that do not exist yet.
+    /// Write the config, generating the seeds that do not exist yet.
     Render {
-        /// Folder of `<user>.password` files (created 0700; never commit it).
+        /// Folder of `<user>.nk` seed files (created 0700, files 0600; never commit it).
         #[arg(long)]
         secrets_dir: PathBuf,
-        /// Where to write the config (mode 0600: it holds the passwords).
+        /// Where to write the config (it holds public keys only; written 0600 all the same).
         #[arg(long)]
         out: PathBuf,
         /// Client listen address.
@@ -59,10 +65,19 @@ enum Command {
         #[arg(long = "route", requires = "cluster_name")]
         routes: Vec<String>,
     },
+    /// Print a new random NKey user seed (`SU…`), for a secret store.
+    NewSeed,
+    /// Print the public key (`U…`) of a user seed.
+    PublicKey {
+        /// The seed file; the seed is read from stdin without it (never give it as an argument:
+        /// command lines are visible to other users).
+        #[arg(long)]
+        seed_file: Option<PathBuf>,
+    },
     /// Print the permission table in Markdown.
     Table,
-    /// Print the `DARKROOM` account with `$NATS_PASSWORD_<USER>` passwords, for the
-    /// Kubernetes NATS config (infra/k8s/base/nats/config.yaml, between its markers).
+    /// Print the `DARKROOM` account with `$NATS_NKEY_<USER>` public keys, for the Kubernetes
+    /// NATS config (infra/k8s/base/nats/config.yaml, between its markers).
     K8sAccount,
 }
 
@@ -79,7 +94,7 @@ fn main() -> anyhow::Result<()> {
             cluster_listen,
             routes,
         } => {
-            let passwords = secrets::load_or_create(&secrets_dir)?;
+            let keys = secrets::load_or_create(&secrets_dir)?;
             let settings = ServerSettings {
                 listen,
                 monitor: Some(monitor),
@@ -93,14 +108,28 @@ fn main() -> anyhow::Result<()> {
                         routes,
                     }),
             };
-            write_private(&out, &render(&settings, &passwords))
+            write_private(&out, &render(&settings, &secrets::public_keys(&keys)))
                 .with_context(|| format!("write {}", out.display()))?;
             println!(
-                "wrote {} ({} users; passwords in {})",
+                "wrote {} ({} users; their seeds in {})",
                 out.display(),
-                passwords.len(),
+                keys.len(),
                 secrets_dir.display()
             );
+        }
+        Command::NewSeed => println!("{}", UserKey::generate().seed()),
+        Command::PublicKey { seed_file } => {
+            let key = match seed_file {
+                Some(path) => secrets::read_seed_file(&path)?,
+                None => {
+                    let mut text = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .context("read the seed from stdin")?;
+                    UserKey::from_seed(&text).context("stdin")?
+                }
+            };
+            println!("{}", key.public_key());
         }
         Command::Table => print!("{}", server_config::markdown_table()),
         Command::K8sAccount => print!("{}", server_config::account_block_with_variables()),
