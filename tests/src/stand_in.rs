@@ -127,3 +127,165 @@ impl Handler for InferenceStandIn {
         self.mark(&job, JobStatus::Completed).await.map(|_| ())
     }
 }
+
+/// Preprocess and the notifier (their own `serve`, as their binaries run them) and the
+/// stand-in on the jobs consumer, all in this process: the whole pipeline minus rendering.
+pub struct StandInPipeline {
+    shutdown: tokio_util::sync::CancellationToken,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<Result<(), String>>)>,
+    _presets: tempfile::TempDir,
+}
+
+impl StandInPipeline {
+    /// Starts the three with `runtime`'s settings (the topology must exist), preprocess with
+    /// the one preset `preset_toml` named `preset`, the stand-in naming itself `worker`.
+    ///
+    /// # Panics
+    /// When a connection or the preset folder cannot be made.
+    pub async fn start(
+        runtime: &darkroom_shared::RuntimeConfig,
+        preset: &str,
+        preset_toml: &str,
+        worker: &str,
+    ) -> StandInPipeline {
+        use darkroom_events::subjects::{self, consumers};
+        let presets = tempfile::tempdir().unwrap_or_else(|e| panic!("preset folder: {e}"));
+        std::fs::write(presets.path().join(format!("{preset}.toml")), preset_toml)
+            .unwrap_or_else(|e| panic!("preset file: {e}"));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let preprocess = tokio::spawn({
+            let config = darkroom_preprocess::config::PreprocessConfig {
+                runtime: runtime.clone(),
+                preprocess_preset_dir: Some(presets.path().to_path_buf()),
+                ..darkroom_preprocess::config::PreprocessConfig::default()
+            };
+            let shutdown = shutdown.clone();
+            async move {
+                darkroom_preprocess::service::serve(config, shutdown)
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            }
+        });
+        let notifier = tokio::spawn({
+            let config = darkroom_notifier::config::NotifierConfig {
+                runtime: runtime.clone(),
+                ..darkroom_notifier::config::NotifierConfig::default()
+            };
+            let shutdown = shutdown.clone();
+            async move {
+                darkroom_notifier::service::serve(config, shutdown)
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            }
+        });
+        let js = async_nats::jetstream::new(
+            darkroom_shared::nats::connect(runtime, worker)
+                .await
+                .unwrap_or_else(|e| panic!("the stand-in's connection: {e}")),
+        );
+        let jobs = JobStore::open(&js)
+            .await
+            .unwrap_or_else(|e| panic!("jobs KV: {e}"));
+        let stand_in = Arc::new(InferenceStandIn::new(
+            Publisher::new(js, format!("/darkroom/tests/{worker}")),
+            jobs,
+            worker,
+        ));
+        let mut settings = darkroom_shared::consumer::ConsumerSettings::new(
+            &runtime.topology(),
+            subjects::JOBS_STREAM,
+            consumers::INFERENCE,
+        );
+        settings.fetch_expires = std::time::Duration::from_millis(500);
+        settings.retry_backoff = vec![std::time::Duration::from_millis(300)];
+        let inference = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                let publisher = stand_in.publisher().clone();
+                darkroom_shared::consumer::run(stand_in, publisher, settings, shutdown)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        StandInPipeline {
+            shutdown,
+            tasks: vec![
+                ("preprocess", preprocess),
+                ("notifier", notifier),
+                ("inference stand-in", inference),
+            ],
+            _presets: presets,
+        }
+    }
+
+    /// Stops the three (each finishes the message in hand).
+    ///
+    /// # Panics
+    /// When one of them stopped with an error.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for (name, task) in self.tasks {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => panic!("{name} stopped with an error: {error}"),
+                Err(error) => panic!("{name} panicked: {error}"),
+            }
+        }
+    }
+}
+
+/// Waits until every job of `jobs` has its `completed` notification, then checks that each has
+/// exactly one `completed` event and one notification, that nothing was dead-lettered and that
+/// the work queue is empty.
+///
+/// # Panics
+/// When one of those does not hold within `timeout`.
+pub async fn assert_completed_exactly_once(
+    js: &async_nats::jetstream::Context,
+    jobs: &[JobId],
+    timeout: std::time::Duration,
+) {
+    use darkroom_events::lifecycle::LifecycleKind;
+    use darkroom_events::subjects;
+    let notification = |job: &JobId| {
+        format!(
+            "darkroom.fanout.job.{job}.{}",
+            LifecycleKind::Completed.as_str()
+        )
+    };
+    let notify = crate::wait_for(
+        timeout,
+        || crate::subject_counts(js, subjects::NOTIFY_STREAM),
+        |counts| {
+            jobs.iter()
+                .all(|job| counts.contains_key(&notification(job)))
+        },
+    )
+    .await;
+    let events = crate::subject_counts(js, subjects::EVENTS_STREAM).await;
+    let wrong: Vec<String> = jobs
+        .iter()
+        .filter_map(|job| {
+            let completed = events
+                .get(&subjects::lifecycle_subject(*job, LifecycleKind::Completed))
+                .copied()
+                .unwrap_or(0);
+            let notified = notify.get(&notification(job)).copied().unwrap_or(0);
+            (completed != 1 || notified != 1)
+                .then(|| format!("{job}: {completed} completed events, {notified} notifications"))
+        })
+        .collect();
+    assert!(wrong.is_empty(), "not exactly once: {wrong:#?}");
+    let dead_letters = crate::subject_counts(js, subjects::DLQ_STREAM).await;
+    assert!(dead_letters.is_empty(), "dead letters: {dead_letters:?}");
+    let queued = js
+        .get_stream(subjects::JOBS_STREAM)
+        .await
+        .unwrap_or_else(|e| panic!("jobs stream: {e}"))
+        .info()
+        .await
+        .unwrap_or_else(|e| panic!("jobs stream info: {e}"))
+        .state
+        .messages;
+    assert_eq!(queued, 0, "jobs left in the work queue");
+}

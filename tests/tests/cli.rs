@@ -118,6 +118,48 @@ impl Stack {
         darkroom_tests::spawn_preprocess(&self.js, &self.topology, config).await
     }
 
+    /// A job rendered from `inbox/desk-setup/<name>`, as the pipeline leaves it: its record
+    /// `completed`, its `queued` and `completed` events, `result.png` (a tiny PNG) and
+    /// `job.json` (`{"a":1}`) in the bucket. Returns the job, its `completed` event and the PNG.
+    async fn finished_job(&self, name: &str) -> (JobId, CloudEvent<JobCompleted>, Vec<u8>) {
+        let source = ObjectRef {
+            etag: Some("abc".into()),
+            ..ObjectRef::new(BUCKET, format!("inbox/{PRESET}/{name}"))
+        };
+        let job = source.job_id().unwrap();
+        let mut record = JobRecord::received(job, source.clone());
+        record.status = JobStatus::Completed;
+        record.preset = Some(PRESET.into());
+        assert!(self.jobs().await.create(&record).await.unwrap());
+        self.lifecycle(JobQueued {
+            job_id: job,
+            source: source.clone(),
+            preset: PRESET.into(),
+        })
+        .await;
+        let done = self.lifecycle(completed(job, source)).await;
+        let png = tiny_png();
+        self.put(&format!("outputs/{job}/result.png"), png.clone())
+            .await;
+        self.put(&format!("outputs/{job}/job.json"), b"{\"a\":1}".to_vec())
+            .await;
+        (job, done, png)
+    }
+
+    /// What ingest does with the bucket's event for the object `key`: relays its upload.
+    async fn relay(&self, key: &str) {
+        let relay = UploadRelay::new(
+            Publisher::new(self.js.clone(), "/darkroom/ingest"),
+            self.jobs().await,
+            self.s3_client.clone(),
+            "inbox/",
+        );
+        relay
+            .relay(ObjectRef::new(BUCKET, key), "darkroom:ingest")
+            .await
+            .unwrap();
+    }
+
     async fn jobs(&self) -> JobStore {
         JobStore::open(&self.js).await.unwrap()
     }
@@ -140,6 +182,16 @@ impl Stack {
             .send()
             .await
             .unwrap();
+    }
+
+    async fn head(&self, key: &str) -> aws_sdk_s3::operation::head_object::HeadObjectOutput {
+        self.s3_client
+            .head_object()
+            .bucket(BUCKET)
+            .key(key)
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn exists(&self, key: &str) -> bool {
@@ -294,14 +346,7 @@ async fn upload_prints_the_job_and_preprocess_queues_it() {
     let job = JobId::for_object(BUCKET, &key, &md5_hex(&photo));
     assert_eq!(stdout.trim(), job.to_string());
 
-    let head = stack
-        .s3_client
-        .head_object()
-        .bucket(BUCKET)
-        .key(&key)
-        .send()
-        .await
-        .unwrap();
+    let head = stack.head(&key).await;
     assert_eq!(head.content_type(), Some("image/jpeg"));
     assert_eq!(
         head.metadata()
@@ -311,16 +356,7 @@ async fn upload_prints_the_job_and_preprocess_queues_it() {
     );
 
     // What ingest does with SeaweedFS's event for the object.
-    let relay = UploadRelay::new(
-        Publisher::new(stack.js.clone(), "/darkroom/ingest"),
-        stack.jobs().await,
-        stack.s3_client.clone(),
-        "inbox/",
-    );
-    relay
-        .relay(ObjectRef::new(BUCKET, &key), "darkroom:ingest")
-        .await
-        .unwrap();
+    stack.relay(&key).await;
     wait_for(
         WAIT,
         || stack.status(job),
@@ -657,30 +693,7 @@ async fn watch_prints_exactly_the_completions_under_its_prefix() {
 #[tokio::test]
 async fn status_and_get_read_the_record_and_the_events() {
     let stack = Stack::start().await;
-    let source = ObjectRef {
-        etag: Some("abc".into()),
-        ..ObjectRef::new(BUCKET, "inbox/desk-setup/x.jpg")
-    };
-    let job = source.job_id().unwrap();
-    let mut record = JobRecord::received(job, source.clone());
-    record.status = JobStatus::Completed;
-    record.preset = Some(PRESET.into());
-    assert!(stack.jobs().await.create(&record).await.unwrap());
-    stack
-        .lifecycle(JobQueued {
-            job_id: job,
-            source: source.clone(),
-            preset: PRESET.into(),
-        })
-        .await;
-    let done = stack.lifecycle(completed(job, source.clone())).await;
-    let png = tiny_png();
-    stack
-        .put(&format!("outputs/{job}/result.png"), png.clone())
-        .await;
-    stack
-        .put(&format!("outputs/{job}/job.json"), b"{\"a\":1}".to_vec())
-        .await;
+    let (job, done, png) = stack.finished_job("x.jpg").await;
 
     let (code, stdout, stderr) = stack.run_cli(&["status", &job.to_string(), "--json"]).await;
     assert_eq!(code, 0, "{stderr}");
@@ -917,27 +930,11 @@ async fn an_upload_url_takes_one_photo_without_credentials_until_it_expires() {
     let response = put(url.clone(), "image/jpeg").await.unwrap();
     assert!(response.status().is_success(), "{response:?}");
     assert!(!stack.exists(&format!("inbox/{PRESET}/other.jpg")).await);
-    let head = stack
-        .s3_client
-        .head_object()
-        .bucket(BUCKET)
-        .key(&key)
-        .send()
-        .await
-        .unwrap();
+    let head = stack.head(&key).await;
     assert_eq!(head.content_type(), Some("image/jpeg"));
 
     // It becomes a job like any upload (what ingest does with the bucket's event).
-    let relay = UploadRelay::new(
-        Publisher::new(stack.js.clone(), "/darkroom/ingest"),
-        stack.jobs().await,
-        stack.s3_client.clone(),
-        "inbox/",
-    );
-    relay
-        .relay(ObjectRef::new(BUCKET, &key), "darkroom:ingest")
-        .await
-        .unwrap();
+    stack.relay(&key).await;
     let job = JobId::for_object(BUCKET, &key, &md5_hex(&photo));
     wait_for(
         WAIT,
@@ -974,22 +971,7 @@ async fn an_upload_url_takes_one_photo_without_credentials_until_it_expires() {
 #[tokio::test]
 async fn a_result_url_serves_the_picture_until_it_expires() {
     let stack = Stack::start().await;
-    let source = ObjectRef {
-        etag: Some("abc".into()),
-        ..ObjectRef::new(BUCKET, "inbox/desk-setup/shared.jpg")
-    };
-    let job = source.job_id().unwrap();
-    let mut record = JobRecord::received(job, source.clone());
-    record.status = JobStatus::Completed;
-    assert!(stack.jobs().await.create(&record).await.unwrap());
-    stack.lifecycle(completed(job, source.clone())).await;
-    let png = tiny_png();
-    stack
-        .put(&format!("outputs/{job}/result.png"), png.clone())
-        .await;
-    stack
-        .put(&format!("outputs/{job}/job.json"), b"{\"a\":1}".to_vec())
-        .await;
+    let (job, _, png) = stack.finished_job("shared.jpg").await;
 
     let (code, stdout, stderr) = stack
         .run_cli(&["url", &job.to_string(), "--expires-in", "3s"])

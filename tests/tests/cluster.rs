@@ -4,21 +4,14 @@
 //! event per job in the events stream, one notification per job in the notify stream.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use darkroom_events::subjects::{self, consumers};
+use darkroom_events::subjects;
 use darkroom_events::{JobId, lifecycle::LifecycleKind};
-use darkroom_notifier::config::NotifierConfig;
-use darkroom_preprocess::config::PreprocessConfig;
 use darkroom_shared::RuntimeConfig;
-use darkroom_shared::consumer::{self, ConsumerSettings};
-use darkroom_shared::jobs::JobStore;
-use darkroom_shared::publish::Publisher;
-use darkroom_tests::stand_in::InferenceStandIn;
+use darkroom_tests::stand_in::{self, StandInPipeline};
 use darkroom_tests::{NatsCluster, S3Server};
-use tokio_util::sync::CancellationToken;
 
 const BUCKET: &str = "photos";
 const UPLOADS: usize = 30;
@@ -105,44 +98,8 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
     let jobs_stream = js.get_stream(subjects::JOBS_STREAM).await.unwrap();
     assert_eq!(jobs_stream.cached_info().config.num_replicas, 3);
 
-    let presets = tempfile::tempdir().unwrap();
-    std::fs::write(presets.path().join(format!("{PRESET}.toml")), PRESET_TOML).unwrap();
-    let shutdown = CancellationToken::new();
-    let preprocess = tokio::spawn(darkroom_preprocess::service::serve(
-        PreprocessConfig {
-            runtime: runtime.clone(),
-            preprocess_preset_dir: Some(presets.path().to_path_buf()),
-            ..PreprocessConfig::default()
-        },
-        shutdown.clone(),
-    ));
-    let notifier = tokio::spawn(darkroom_notifier::service::serve(
-        NotifierConfig {
-            runtime: runtime.clone(),
-            ..NotifierConfig::default()
-        },
-        shutdown.clone(),
-    ));
-    let stand_in_js = jetstream::new(
-        darkroom_shared::nats::connect(&runtime, "cluster-test-stand-in")
-            .await
-            .unwrap(),
-    );
-    let stand_in = Arc::new(InferenceStandIn::new(
-        Publisher::new(stand_in_js.clone(), "/darkroom/tests/cluster-stand-in"),
-        JobStore::open(&stand_in_js).await.unwrap(),
-        "cluster-test-stand-in",
-    ));
-    let mut settings =
-        ConsumerSettings::new(&topology, subjects::JOBS_STREAM, consumers::INFERENCE);
-    settings.fetch_expires = Duration::from_millis(500);
-    settings.retry_backoff = vec![Duration::from_millis(300)];
-    let inference = tokio::spawn(consumer::run(
-        stand_in.clone(),
-        stand_in.publisher().clone(),
-        settings,
-        shutdown.clone(),
-    ));
+    let pipeline =
+        StandInPipeline::start(&runtime, PRESET, PRESET_TOML, "cluster-test-stand-in").await;
 
     // The batch: every photo stored; the first half announced now, the second half while the
     // jobs stream's leader is down.
@@ -197,47 +154,8 @@ async fn killing_the_jobs_leader_loses_and_doubles_nothing() {
     );
 
     // Every job completed, and exactly once: one `completed` event and one notification each.
-    let notification = |job: &JobId| {
-        format!(
-            "darkroom.fanout.job.{job}.{}",
-            LifecycleKind::Completed.as_str()
-        )
-    };
-    let notify = darkroom_tests::wait_for(
-        WAIT,
-        || darkroom_tests::subject_counts(&js, subjects::NOTIFY_STREAM),
-        |counts| {
-            jobs.iter()
-                .all(|job| counts.contains_key(&notification(job)))
-        },
-    )
-    .await;
+    stand_in::assert_completed_exactly_once(&js, &jobs, WAIT).await;
     eprintln!("{:?} all notified", started.elapsed());
-    let events = darkroom_tests::subject_counts(&js, subjects::EVENTS_STREAM).await;
-    for job in &jobs {
-        assert_eq!(
-            events.get(&completed_subject(job)),
-            Some(&1),
-            "{job} completed"
-        );
-        assert_eq!(notify.get(&notification(job)), Some(&1), "{job} notified");
-    }
-    let dead_letters = darkroom_tests::subject_counts(&js, subjects::DLQ_STREAM).await;
-    assert!(dead_letters.is_empty(), "dead letters: {dead_letters:?}");
-    let queued = js
-        .get_stream(subjects::JOBS_STREAM)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages;
-    assert_eq!(queued, 0, "jobs left in the work queue");
-
-    shutdown.cancel();
-    preprocess.await.unwrap().unwrap();
-    notifier.await.unwrap().unwrap();
-    inference.await.unwrap().unwrap();
+    pipeline.stop().await;
     eprintln!("{:?} stopped", started.elapsed());
 }

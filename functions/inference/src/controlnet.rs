@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 use crate::device::DType;
 use crate::layers::conv2d;
 use crate::loader::{Component, ComponentSource, WeightVariant};
-use crate::unet::attention::{Attention, Transformer2DModel};
+use crate::unet::attention::{self, Attention, Transformer2DModel};
 use crate::unet::unet_2d_blocks::{
     CrossAttnDownBlock2D, DownBlock, DownBlock2D, DownBlockConfig, MidBlockConfig,
     UNetMidBlock2DCrossAttn,
@@ -574,17 +574,12 @@ impl ControlNetModel {
     /// As [`crate::unet::UNet2DConditionModel::remember_context`]: the keys and values of
     /// `context` computed once in every cross-attention layer.
     pub fn remember_context(&self, context: &Tensor) {
-        let _no_grad = tch::no_grad_guard();
-        for attention in self.cross_attentions() {
-            attention.remember_context(context);
-        }
+        attention::remember_context_in(self.cross_attentions(), context);
     }
 
     /// Drops what [`Self::remember_context`] stored for `context`.
     pub fn forget_context(&self, context: &Tensor) {
-        for attention in self.cross_attentions() {
-            attention.forget_context(context);
-        }
+        attention::forget_context_in(self.cross_attentions(), context);
     }
 
     /// The residuals for the UNet, each multiplied by `conditioning_scale`.

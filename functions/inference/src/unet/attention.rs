@@ -44,6 +44,24 @@ struct RememberedContext {
     keys_values: Tensor,
 }
 
+/// [`Attention::remember_context`] in each of `layers`, without gradients.
+pub(crate) fn remember_context_in<'a>(
+    layers: impl Iterator<Item = &'a Attention>,
+    context: &Tensor,
+) {
+    let _no_grad = tch::no_grad_guard();
+    for attention in layers {
+        attention.remember_context(context);
+    }
+}
+
+/// [`Attention::forget_context`] in each of `layers`.
+pub(crate) fn forget_context_in<'a>(layers: impl Iterator<Item = &'a Attention>, context: &Tensor) {
+    for attention in layers {
+        attention.forget_context(context);
+    }
+}
+
 /// Whether `a` and `b` are the same tensor: the same memory seen the same way.
 fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
     a.data_ptr() == b.data_ptr()

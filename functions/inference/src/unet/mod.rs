@@ -717,17 +717,12 @@ impl UNet2DConditionModel {
     /// call it again after changing the tensor in place or fusing a LoRA). The results are the
     /// same; each step then skips one matrix product per transformer block.
     pub fn remember_context(&self, context: &Tensor) {
-        let _no_grad = tch::no_grad_guard();
-        for attention in self.cross_attentions() {
-            attention.remember_context(context);
-        }
+        attention::remember_context_in(self.cross_attentions(), context);
     }
 
     /// Drops what [`Self::remember_context`] stored for `context`.
     pub fn forget_context(&self, context: &Tensor) {
-        for attention in self.cross_attentions() {
-            attention.forget_context(context);
-        }
+        attention::forget_context_in(self.cross_attentions(), context);
     }
 
     /// Predicts the noise of `sample`.
