@@ -26,9 +26,10 @@
 //! // A diffusers folder, or a single file (then `.with_config_dir(folder)` for non-base models).
 //! let source = ModelSource::open("/models/sdxl-base", &SourceOptions::new(DType::F16))?;
 //! let mut vs = tch::nn::VarStore::new(tch::Device::Cuda(0));
+//! // The run dtype first, so the module's variables are created in it (the loader converts).
+//! vs.half();
 //! // The module, built with the upstream names from its config (`None`: SDXL base defaults).
 //! build_unet(vs.root(), source.config_json(Component::Unet)?);
-//! vs.half();
 //! source.load(&mut vs, Component::Unet)?;
 //! # Ok(()) }
 //! ```

@@ -578,9 +578,12 @@ impl UNet2DConditionModel {
     /// Builds the model on `path` (usually `vs.root()`); load the weights into the var store
     /// afterwards. Refuses configs outside what SDXL uses with [`EngineError::InvalidConfig`].
     ///
-    /// tch's `VarStore::load` adopts the file's precision: cast (`vs.half()`, `vs.bfloat16()`)
-    /// after loading. The timestep frequency table is not a variable and stays f32, as in
-    /// diffusers.
+    /// Set the store's dtype before building (`vs.set_kind`) and load with
+    /// [`crate::loader::load_var_store`], which converts into the variables' dtype: the
+    /// attention layers' `to_q`/`to_k`/`to_v` weights are views of one stacked matrix, and a
+    /// cast afterwards (or tch's `VarStore::load` of a file in another dtype) gives each its own
+    /// storage — still correct, but each projection is then multiplied separately. The timestep
+    /// frequency table is not a variable and stays f32, as in diffusers.
     pub fn new(path: nn::Path, config: &UNetConfig) -> Result<Self> {
         let layout = config.layout()?;
         let c = config;
