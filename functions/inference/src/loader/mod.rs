@@ -27,7 +27,7 @@
 //! let source = ModelSource::open("/models/sdxl-base", &SourceOptions::new(DType::F16))?;
 //! let mut vs = tch::nn::VarStore::new(tch::Device::Cuda(0));
 //! // The run dtype first, so the module's variables are created in it (the loader converts).
-//! vs.half();
+//! vs.set_kind(tch::Kind::Half);
 //! // The module, built with the upstream names from its config (`None`: SDXL base defaults).
 //! build_unet(vs.root(), source.config_json(Component::Unet)?);
 //! source.load(&mut vs, Component::Unet)?;
