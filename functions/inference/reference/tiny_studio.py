@@ -6,7 +6,6 @@ real weights (none can be downloaded here).
 Output:
   model/                                      the SDXL pipeline (diffusers folder layout)
   controlnets/controlnet-canny-sdxl-1.0/      ControlNet (diffusers model folder), from the UNet
-  controlnets/controlnet-depth-sdxl-1.0/      another
   loras/storybook-style.safetensors           a rank-4 PEFT LoRA on every attention projection
 """
 
@@ -24,10 +23,9 @@ def main():
 
     from diffusers import ControlNetModel
 
-    for name in ("controlnet-canny-sdxl-1.0", "controlnet-depth-sdxl-1.0"):
-        net = ControlNetModel.from_unet(pipe.unet).eval()
-        reference.randomize(net, 0.05)
-        net.save_pretrained(args.out / "controlnets" / name, safe_serialization=True)
+    net = ControlNetModel.from_unet(pipe.unet).eval()
+    reference.randomize(net, 0.05)
+    net.save_pretrained(args.out / "controlnets" / "controlnet-canny-sdxl-1.0", safe_serialization=True)
 
     attention = {name: lora_reference.RANK for name, m in pipe.unet.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".attn" in name}

@@ -351,9 +351,16 @@ mod tests {
         assert_eq!(desk.canny.map(|c| c.low), Some(80.0));
         assert_eq!(desk.limits.max_bytes, 1234);
         assert_eq!(desk.size, None);
-        let storybook = prepare_options(library.get("storybook").unwrap(), &config).unwrap_err();
-        assert_eq!(storybook.reason(), FailureReason::Internal);
-        assert!(storybook.to_string().contains("depth"), "{storybook}");
+        let storybook = prepare_options(library.get("storybook").unwrap(), &config).unwrap();
+        assert_eq!(storybook.canny.map(|c| c.low), Some(80.0));
+        let depth = Preset::from_toml(
+            "deep",
+            "name = \"deep\"\nprompt = \"x\"\n[[controlnets]]\nkind = \"depth\"\nmodel = \"d\"\n",
+        )
+        .unwrap();
+        let error = prepare_options(&depth, &config).unwrap_err();
+        assert_eq!(error.reason(), FailureReason::Internal);
+        assert!(error.to_string().contains("depth"), "{error}");
 
         let fixed = Preset::from_toml(
             "fixed",
