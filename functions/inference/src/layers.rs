@@ -46,6 +46,50 @@ pub(crate) fn conv2d(
     )
 }
 
+/// A square-kernel 2-D convolution without bias.
+pub(crate) fn conv2d_no_bias(
+    path: nn::Path,
+    in_dim: i64,
+    out_dim: i64,
+    kernel: i64,
+    padding: i64,
+) -> nn::Conv2D {
+    nn::conv2d(
+        path,
+        in_dim,
+        out_dim,
+        kernel,
+        nn::ConvConfig {
+            padding,
+            bias: false,
+            ws_init: ZERO,
+            ..Default::default()
+        },
+    )
+}
+
+/// A square-kernel 2-D transposed convolution with bias, no padding.
+pub(crate) fn conv_transpose2d(
+    path: nn::Path,
+    in_dim: i64,
+    out_dim: i64,
+    kernel: i64,
+    stride: i64,
+) -> nn::ConvTranspose2D {
+    nn::conv_transpose2d(
+        path,
+        in_dim,
+        out_dim,
+        kernel,
+        nn::ConvTransposeConfig {
+            stride,
+            ws_init: ZERO,
+            bs_init: ZERO,
+            ..Default::default()
+        },
+    )
+}
+
 /// An affine GroupNorm.
 pub(crate) fn group_norm(path: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
     nn::group_norm(

@@ -16,6 +16,7 @@ pub mod clip;
 pub mod controlnet;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod depth;
 pub mod device;
 mod layers;
 pub mod loader;

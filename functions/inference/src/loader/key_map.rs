@@ -117,7 +117,10 @@ impl KeyMap {
         let (optional_prefix, ignored): (_, &'static [&'static str]) = match component {
             Component::TextEncoder => (Some("text_model."), &["embeddings.position_ids"]),
             Component::TextEncoder2 => (None, &["text_model.embeddings.position_ids"]),
-            Component::Unet | Component::Vae | Component::ControlNet => (None, &[]),
+            Component::Unet
+            | Component::Vae
+            | Component::ControlNet
+            | Component::DepthEstimator => (None, &[]),
         };
         KeyMap {
             rename: Rename::Identity,

@@ -61,6 +61,9 @@ pub enum Component {
     /// `ControlNetModel`: not part of [`Component::ALL`]; read from its own diffusers model
     /// folder with [`ComponentSource::model_folder`].
     ControlNet,
+    /// `DepthAnythingForDepthEstimation` (transformers), the depth-map estimator: not part of
+    /// [`Component::ALL`]; its own model folder (`config.json`, `model.safetensors`).
+    DepthEstimator,
 }
 
 impl Component {
@@ -80,6 +83,7 @@ impl Component {
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
             Component::ControlNet => "controlnet",
+            Component::DepthEstimator => "depth_estimator",
         }
     }
 
@@ -90,7 +94,7 @@ impl Component {
             Component::TextEncoder2 => Some(1),
             Component::Unet => Some(2),
             Component::Vae => Some(3),
-            Component::ControlNet => None,
+            Component::ControlNet | Component::DepthEstimator => None,
         }
     }
 
@@ -99,7 +103,7 @@ impl Component {
     pub(crate) fn weights_stem(self) -> &'static str {
         match self {
             Component::Unet | Component::Vae | Component::ControlNet => "diffusion_pytorch_model",
-            Component::TextEncoder | Component::TextEncoder2 => "model",
+            Component::TextEncoder | Component::TextEncoder2 | Component::DepthEstimator => "model",
         }
     }
 }

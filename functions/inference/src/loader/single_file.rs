@@ -212,6 +212,14 @@ impl Rules {
                             single-file checkpoints"
                     .to_owned());
             }
+            Component::DepthEstimator => {
+                return Err(
+                    "the depth estimator is read from its transformers model folder \
+                            (config.json + model.safetensors), not from a single-file \
+                            checkpoint"
+                        .to_owned(),
+                );
+            }
         }
         Ok(rules)
     }
