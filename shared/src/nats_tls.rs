@@ -120,10 +120,12 @@ impl NatsTls {
     }
 
     /// `options` with this TLS: async-nats' own `require_tls`, `add_root_certificates` and
-    /// `add_client_certificate`.
+    /// `add_client_certificate`. It also makes sure rustls has a crypto provider, which any
+    /// connection may need: a server that requires TLS upgrades even a client that did not ask
+    /// for it.
     pub fn apply(&self, mut options: ConnectOptions) -> ConnectOptions {
+        install_crypto_provider();
         if self.required {
-            install_crypto_provider();
             options = options.require_tls(true);
         }
         if let Some(ca_file) = &self.ca_file {
@@ -138,7 +140,8 @@ impl NatsTls {
 
 /// Makes ring rustls' process-wide crypto provider unless one is installed already. async-nats
 /// builds its TLS config with rustls' default provider, and rustls picks none on its own when,
-/// as in this workspace, both ring (async-nats) and aws-lc-rs (the AWS SDK) are compiled in.
+/// as in this workspace, both ring (async-nats) and aws-lc-rs (the AWS SDK) are compiled in: it
+/// panics instead.
 fn install_crypto_provider() {
     if async_nats::rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race with another installer is fine: then that one is the default.

@@ -194,8 +194,10 @@ async fn the_functions_work_over_tls_with_the_ca() {
 }
 
 /// Without the CA (the system's roots only) preprocess and the CLI refuse the server's
-/// certificate, and say so: unknown issuer. A CA that is not a certificate stops them before
-/// they connect, naming the file and the setting.
+/// certificate, and say so: unknown issuer; so does a CLI with a `nats://` URL and no TLS
+/// setting, which the server upgrades to TLS (an error, where rustls used to panic for want of
+/// a crypto provider). A CA that is not a certificate stops them before they connect, naming
+/// the file and the setting.
 #[tokio::test]
 async fn without_the_ca_the_server_is_not_trusted() {
     let nats = tls_server(ClientCertificates::NotAsked).await;
@@ -225,6 +227,20 @@ async fn without_the_ca_the_server_is_not_trusted() {
     // The CLI: `tls://` in the URL, no CA.
     let (code, stdout, stderr) =
         operator_cli(&nats, &s3, &[], &["status", "--json", NIL_JOB]).await;
+    assert_ne!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.contains("UnknownIssuer"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A `nats://` URL and no TLS setting at all: the server asks for TLS, the client follows,
+    // and the certificate is refused just the same (an error, not a panic, in a fresh process).
+    let plain_url = format!("nats://127.0.0.1:{}", nats.port());
+    let (code, stdout, stderr) = operator_cli(
+        &nats,
+        &s3,
+        &[("DARKROOM_NATS_URL", plain_url)],
+        &["status", "--json", NIL_JOB],
+    )
+    .await;
     assert_ne!(code, 0, "{stdout}{stderr}");
     assert!(stderr.contains("UnknownIssuer"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
