@@ -5,7 +5,8 @@
 //! client is refused by the server, and a client that requires TLS refuses a plaintext server;
 //! a server that verifies clients (`--tls-verify`) refuses a client without a certificate, or
 //! with one another CA signed, and takes one its CA signed. The rendered configs, a cluster's
-//! routes included, pass `nats-server -t`.
+//! routes included, pass `nats-server -t`, and a rendered TLS cluster routes only between
+//! servers whose certificates its CA signed.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead as _, BufReader, Cursor, Write as _};
@@ -498,4 +499,137 @@ fn nats_server_accepts_the_rendered_tls_configs() {
     std::fs::write(&broken, render(&settings, &public_keys)).unwrap();
     let (ok, output) = nats_server_test(&broken);
     assert!(!ok, "a missing key file passed: {output}");
+}
+
+/// A `nats-server` child process, killed when dropped.
+struct ServerProcess(std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The servers `/routez` on `monitor_port` reports routes to (by name: nats-server pools
+/// several route connections per peer), once it answers.
+async fn routed_peers(monitor_port: u16) -> Option<std::collections::BTreeSet<String>> {
+    let response = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .get(format!("http://127.0.0.1:{monitor_port}/routez"))
+        .send()
+        .await
+        .ok()?;
+    let routez: serde_json::Value = response.json().await.ok()?;
+    Some(
+        routez["routes"]
+            .as_array()?
+            .iter()
+            .filter_map(|route| route["remote_name"].as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// Two servers rendered as a TLS cluster (`render` with `--cluster-*` and `--tls-*`) form their
+/// route over TLS, each verifying the other against the CA; a third whose certificate another
+/// CA signed is refused on the routes (the servers log the failed handshakes) and stays alone.
+#[tokio::test]
+async fn cluster_routes_are_tls_and_verified() {
+    use darkroom_nats_auth::{ClusterSettings, ServerSettings, ServerTls, render};
+    let binary =
+        darkroom_tests::find_binary(darkroom_tests::NATS_SERVER_BIN_ENV, "nats-server").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = darkroom_nats_auth::secrets::load_or_create(&dir.path().join("secrets")).unwrap();
+    let public_keys = darkroom_nats_auth::secrets::public_keys(&keys);
+    let names = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let ca = CertificateAuthority::generate("Darkroom test CA", DAY).unwrap();
+    ca.write_server_files(&dir.path().join("ours"), &ca.issue_server(&names).unwrap())
+        .unwrap();
+    let stranger = CertificateAuthority::generate("another CA", DAY).unwrap();
+    stranger
+        .write_server_files(
+            &dir.path().join("theirs"),
+            &stranger.issue_server(&names).unwrap(),
+        )
+        .unwrap();
+
+    // Client, monitoring and route port of each node.
+    let ports: Vec<[u16; 3]> = (0..3)
+        .map(|_| [(); 3].map(|()| darkroom_tests::reserve_port().unwrap()))
+        .collect();
+    let start = |index: usize, certificates: &str| {
+        let tls_dir = dir.path().join(certificates);
+        let settings = ServerSettings {
+            listen: format!("127.0.0.1:{}", ports[index][0]),
+            monitor: Some(format!("127.0.0.1:{}", ports[index][1])),
+            store_dir: Some(dir.path().join(format!("store-{index}"))),
+            server_name: Some(format!("n{index}")),
+            cluster: Some(ClusterSettings {
+                name: "darkroom-tls".to_owned(),
+                listen: format!("127.0.0.1:{}", ports[index][2]),
+                routes: (0..3)
+                    .filter(|other| *other != index)
+                    .map(|other| format!("nats-route://127.0.0.1:{}", ports[other][2]))
+                    .collect(),
+            }),
+            tls: Some(ServerTls {
+                cert_file: tls_dir.join("tls.crt"),
+                key_file: tls_dir.join("tls.key"),
+                ca_file: Some(tls_dir.join("ca.crt")),
+                verify_clients: false,
+            }),
+        };
+        let config = dir.path().join(format!("n{index}.conf"));
+        std::fs::write(&config, render(&settings, &public_keys)).unwrap();
+        let log = std::fs::File::create(dir.path().join(format!("n{index}.log"))).unwrap();
+        ServerProcess(
+            std::process::Command::new(&binary)
+                .args(["-c", &config.display().to_string()])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _servers = [start(0, "ours"), start(1, "ours"), start(2, "theirs")];
+
+    let peers = darkroom_tests::wait_for(
+        WAIT,
+        || async {
+            [
+                routed_peers(ports[0][1]).await,
+                routed_peers(ports[1][1]).await,
+            ]
+        },
+        |peers| {
+            peers
+                .iter()
+                .all(|peers| peers.as_ref().is_some_and(|p| !p.is_empty()))
+        },
+    )
+    .await;
+    let names = |list: &[&str]| Some(list.iter().map(|n| (*n).to_owned()).collect());
+    assert_eq!(
+        peers,
+        [names(&["n1"]), names(&["n0"])],
+        "n0 and n1 route to each other only"
+    );
+    let log = |index: usize| {
+        std::fs::read_to_string(dir.path().join(format!("n{index}.log"))).unwrap_or_default()
+    };
+    darkroom_tests::wait_for(
+        WAIT,
+        || async { log(0) + &log(1) },
+        |logs| logs.contains("TLS route handshake error"),
+    )
+    .await;
+    assert_eq!(
+        routed_peers(ports[2][1]).await,
+        Some(std::collections::BTreeSet::new()),
+        "the node with another CA's certificate joined: {}",
+        log(2)
+    );
 }
