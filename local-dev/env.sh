@@ -50,7 +50,19 @@ export DARKROOM_WEED_ADMIN_PORT="${DARKROOM_WEED_ADMIN_PORT:-18646}"
 export DARKROOM_INGEST_PORT="${DARKROOM_INGEST_PORT:-18280}"
 
 # --- Runtime configuration read by the Darkroom functions ----------------------
-export DARKROOM_NATS_URL="${DARKROOM_NATS_URL:-nats://127.0.0.1:$DARKROOM_NATS_PORT}"
+# NATS TLS: off by default, since the stack listens on loopback only (no traffic leaves
+# the machine, and NKeys already keep secrets off the wire). DARKROOM_LOCAL_TLS=1 runs
+# it over TLS end to end, as a deployment does: `stack start` makes a CA and a server
+# certificate for 127.0.0.1 in DARKROOM_NATS_TLS_DIR (once, kept), nats-server serves
+# TLS only, and every client trusts that CA (DARKROOM_NATS_TLS_CA_FILE).
+export DARKROOM_LOCAL_TLS="${DARKROOM_LOCAL_TLS:-0}"
+export DARKROOM_NATS_TLS_DIR="${DARKROOM_NATS_TLS_DIR:-$DARKROOM_DATA_DIR/nats-tls}"
+if [ "$DARKROOM_LOCAL_TLS" = 1 ]; then
+  export DARKROOM_NATS_URL="${DARKROOM_NATS_URL:-tls://127.0.0.1:$DARKROOM_NATS_PORT}"
+  export DARKROOM_NATS_TLS_CA_FILE="${DARKROOM_NATS_TLS_CA_FILE:-$DARKROOM_NATS_TLS_DIR/ca.crt}"
+else
+  export DARKROOM_NATS_URL="${DARKROOM_NATS_URL:-nats://127.0.0.1:$DARKROOM_NATS_PORT}"
+fi
 export DARKROOM_S3_ENDPOINT="${DARKROOM_S3_ENDPOINT:-http://127.0.0.1:$DARKROOM_S3_PORT}"
 export DARKROOM_S3_REGION="${DARKROOM_S3_REGION:-us-east-1}"
 export DARKROOM_BUCKET="${DARKROOM_BUCKET:-darkroom}"

@@ -122,6 +122,12 @@ def main(path):
               f"{name}: a NATS user or password beside the NKey seed")
         check(not any(k in variables for k in ("AWS_ACCESS_KEY_ID", "DARKROOM_S3_ACCESS_KEY_ID")),
               f"{name}: no static AWS keys")
+        # NATS over TLS only: required, and the bundled CA (when deploy bundles one) trusted.
+        check(variables.get("DARKROOM_NATS_TLS_REQUIRED") == "true", f"{name}: DARKROOM_NATS_TLS_REQUIRED is \"true\"")
+        check(variables.get("DARKROOM_NATS_TLS_CA_FILE")
+              == {"Fn::If": ["NatsCaIsBundled", "/var/task/nats-ca.crt", {"Ref": "AWS::NoValue"}]},
+              f"{name}: DARKROOM_NATS_TLS_CA_FILE is the bundled nats-ca.crt when NatsCaBundled")
+        check(variables.get("DARKROOM_NATS_URL") == {"Ref": "NatsUrl"}, f"{name}: DARKROOM_NATS_URL is the NatsUrl parameter")
 
     # Failed asynchronous invocations go to the dead-letter queue.
     queues = of_type(resources, "AWS::SQS::Queue")
@@ -188,7 +194,18 @@ def main(path):
         statements = policy["Properties"]["PolicyDocument"]["Statement"]
         check(all(s.get("Effect") == "Deny" for s in statements), f"{name}: only Deny statements")
 
-    for parameter in ("NatsUrl", "PreprocessNatsSecretArn", "NotifierNatsSecretArn", "BucketName",
+    # NatsUrl takes tls:// URLs only (CloudFormation anchors AllowedPattern on the whole value).
+    import re
+    pattern = template.get("Parameters", {}).get("NatsUrl", {}).get("AllowedPattern", "")
+    accepts = lambda url: re.fullmatch(pattern, url) is not None
+    check(bool(pattern) and accepts("tls://a.example.net:4222") and accepts("tls://a:4222, tls://b:4222")
+          and not accepts("nats://a.example.net:4222") and not accepts("tls://a:4222,nats://b:4222"),
+          f"NatsUrl allows tls:// URLs only ({pattern!r})")
+    conditions = template.get("Conditions", {})
+    check(conditions.get("NatsCaIsBundled") == {"Fn::Equals": [{"Ref": "NatsCaBundled"}, "true"]},
+          "condition NatsCaIsBundled is NatsCaBundled == true")
+
+    for parameter in ("NatsUrl", "NatsCaBundled", "PreprocessNatsSecretArn", "NotifierNatsSecretArn", "BucketName",
                       "LogRetentionDays"):
         check(parameter in template.get("Parameters", {}), f"parameter {parameter}")
 

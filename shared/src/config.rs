@@ -48,6 +48,19 @@ pub struct RuntimeConfig {
     /// The NKey user seed itself (`DARKROOM_NATS_NKEY_SEED`), where a file is awkward (a
     /// Lambda's environment); set this or [`Self::nats_nkey_file`], not both.
     pub nats_nkey_seed: Option<String>,
+    /// PEM file of the certificate authorities to trust for the NATS servers' certificates
+    /// (`DARKROOM_NATS_TLS_CA_FILE`): a private CA's `ca.crt`. Unset, the system's roots are
+    /// trusted. Setting it makes TLS required.
+    pub nats_tls_ca_file: Option<PathBuf>,
+    /// Refuse a NATS connection that is not TLS (`DARKROOM_NATS_TLS_REQUIRED`, default
+    /// `false`); a `tls://` URL, a CA file or a client certificate imply it.
+    pub nats_tls_required: bool,
+    /// PEM file of this client's certificate, for a NATS server that verifies its clients
+    /// (`DARKROOM_NATS_TLS_CERT_FILE`, with [`Self::nats_tls_key_file`]: both or neither).
+    pub nats_tls_cert_file: Option<PathBuf>,
+    /// PEM file of the private key of [`Self::nats_tls_cert_file`]
+    /// (`DARKROOM_NATS_TLS_KEY_FILE`).
+    pub nats_tls_key_file: Option<PathBuf>,
     /// NATS user, with [`Self::nats_password`] (a server of your own; not with an NKey).
     pub nats_user: Option<String>,
     /// NATS password.
@@ -114,6 +127,10 @@ impl Default for RuntimeConfig {
             nats_creds: None,
             nats_nkey_file: None,
             nats_nkey_seed: None,
+            nats_tls_ca_file: None,
+            nats_tls_required: false,
+            nats_tls_cert_file: None,
+            nats_tls_key_file: None,
             nats_user: None,
             nats_password: None,
             nats_token: None,

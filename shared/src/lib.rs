@@ -2,7 +2,7 @@
 //!
 //! - [`config`]: settings from the environment (`DARKROOM_*`) and an optional TOML file;
 //! - [`nats`] and [`topology`]: the connection and every stream, consumer and KV bucket,
-//!   ensured idempotently;
+//!   ensured idempotently; [`nats_tls`]: the connection's TLS settings, checked at start;
 //! - [`s3`]: an S3 client for AWS or any endpoint (path style), and [`fetch`]: objects read
 //!   without trusting their size;
 //! - [`handler`]: what a function implements, and how its errors map to acknowledgements;
@@ -24,6 +24,7 @@ pub mod jobs;
 pub mod kv;
 pub mod lambda;
 pub mod nats;
+pub mod nats_tls;
 pub mod png;
 pub mod preset;
 pub mod publish;
@@ -58,6 +59,17 @@ pub enum RuntimeError {
         origin: String,
         /// What is wrong with it.
         problem: nats::NkeyProblem,
+    },
+    /// A configured NATS TLS file cannot be used (missing, unreadable, not PEM of the right
+    /// kind, a key that is not its certificate's, a certificate without its key).
+    #[error("NATS TLS: {setting}={path}: {problem}")]
+    NatsTls {
+        /// The setting that names the file (`DARKROOM_NATS_TLS_CA_FILE`, …).
+        setting: &'static str,
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        problem: nats_tls::TlsProblem,
     },
     /// A JetStream request (stream, consumer, KV, publish) failed.
     #[error("JetStream {operation}: {message}")]

@@ -103,7 +103,8 @@ pub fn user_seed(text: &str) -> std::result::Result<String, NkeyProblem> {
 
 /// Connects to NATS as `client_name` with the configured credentials: an NKey seed
 /// ([`configured_nkey_seed`], checked before anything is sent), a credentials file, a user and
-/// password, or a token.
+/// password, or a token; over TLS as [`NatsTls`](crate::nats_tls::NatsTls) says (its files
+/// checked before anything is sent too).
 ///
 /// The first connection must succeed (a function that cannot reach its bus should fail loudly at
 /// start); after that the client reconnects on its own for as long as the process lives.
@@ -113,7 +114,8 @@ pub async fn connect(config: &RuntimeConfig, client_name: &str) -> Result<async_
         message,
     };
     let nkey_seed = configured_nkey_seed(config)?;
-    let mut options = ConnectOptions::new().name(client_name).max_reconnects(None);
+    let tls = crate::nats_tls::NatsTls::from_config(config)?;
+    let mut options = tls.apply(ConnectOptions::new().name(client_name).max_reconnects(None));
     if let Some(seed) = nkey_seed {
         options = options.nkey(seed);
     }

@@ -503,7 +503,84 @@ pub struct NatsServer {
     config: Option<PathBuf>,
     /// Every Darkroom user's NKey, on a secured server; the seeds are in `<dir>/secrets`.
     keys: BTreeMap<Role, UserKey>,
+    /// The server's CA and certificates, on a server started with [`NatsServer::start_tls`].
+    tls: Option<TestTls>,
     dir: TempDir,
+}
+
+/// How a TLS server of the harness treats clients without a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertificates {
+    /// Clients authenticate with their NKey only (Darkroom's deployments).
+    NotAsked,
+    /// Clients must also present a certificate the test CA signed (`--tls-verify`).
+    Required,
+}
+
+/// A TLS server's private CA and files: `<dir>/tls/{ca.crt,tls.crt,tls.key}`, and a client
+/// certificate (`client.crt`, `client.key`) the harness's own clients present where the server
+/// asks for one.
+#[derive(Debug)]
+struct TestTls {
+    ca: darkroom_nats_auth::tls::CertificateAuthority,
+    dir: PathBuf,
+    client_certificates: ClientCertificates,
+    client: (PathBuf, PathBuf),
+}
+
+impl TestTls {
+    /// A CA valid for a day, a server certificate for `localhost` and `127.0.0.1`, and a
+    /// client certificate, written under `dir`.
+    fn generate(dir: &Path, client_certificates: ClientCertificates) -> Result<Self> {
+        use darkroom_nats_auth::tls::CertificateAuthority;
+        let ca =
+            CertificateAuthority::generate("Darkroom test CA", Duration::from_secs(24 * 60 * 60))?;
+        let server = ca.issue_server(&["localhost".to_owned(), "127.0.0.1".to_owned()])?;
+        ca.write_server_files(dir, &server)?;
+        let mut tls = TestTls {
+            ca,
+            dir: dir.to_path_buf(),
+            client_certificates,
+            client: (PathBuf::new(), PathBuf::new()),
+        };
+        tls.client = tls.issue_client("client")?;
+        Ok(tls)
+    }
+
+    fn issue_client(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let issued = self.ca.issue_client(name)?;
+        let cert = self.dir.join(format!("{name}.crt"));
+        let key = self.dir.join(format!("{name}.key"));
+        fs::write(&cert, &issued.certificate_pem)
+            .with_context(|| format!("write {}", cert.display()))?;
+        darkroom_nats_auth::tls::write_private(&key, &issued.private_key_pem)
+            .with_context(|| format!("write {}", key.display()))?;
+        Ok((cert, key))
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.join(darkroom_nats_auth::tls::CA_FILE)
+    }
+
+    fn server_settings(&self) -> darkroom_nats_auth::ServerTls {
+        darkroom_nats_auth::ServerTls {
+            cert_file: self.dir.join(darkroom_nats_auth::tls::CERT_FILE),
+            key_file: self.dir.join(darkroom_nats_auth::tls::KEY_FILE),
+            ca_file: Some(self.ca_file()),
+            verify_clients: self.client_certificates == ClientCertificates::Required,
+        }
+    }
+
+    /// What the harness's own clients use: the CA, and the client certificate where the
+    /// server asks for one.
+    fn client_settings(&self) -> darkroom_shared::nats_tls::NatsTls {
+        darkroom_shared::nats_tls::NatsTls {
+            required: true,
+            ca_file: Some(self.ca_file()),
+            client_certificate: (self.client_certificates == ClientCertificates::Required)
+                .then(|| self.client.clone()),
+        }
+    }
 }
 
 impl NatsServer {
@@ -521,6 +598,7 @@ impl NatsServer {
             binary,
             config: None,
             keys: BTreeMap::new(),
+            tls: None,
             dir,
         })
     }
@@ -530,14 +608,36 @@ impl NatsServer {
     /// `darkroom-nats-config render` writes them), anonymous connections refused. Connect with
     /// [`client_as`](Self::client_as) or give a function [`runtime_as`](Self::runtime_as).
     pub async fn start_secured() -> Result<Self> {
+        Self::start_with_users(None).await
+    }
+
+    /// [`start_secured`](Self::start_secured), serving TLS only (`tls://` URLs): a fresh test
+    /// CA signs the server's certificate (for `localhost` and `127.0.0.1`), rendered into the
+    /// config by `darkroom-nats-config`'s `render` (infra/nats). [`client_as`](Self::client_as),
+    /// [`runtime_as`](Self::runtime_as) and [`function_env`](Self::function_env) trust that
+    /// CA, and present a client certificate it signed when `client_certificates` requires one.
+    pub async fn start_tls(client_certificates: ClientCertificates) -> Result<Self> {
+        Self::start_with_users(Some(client_certificates)).await
+    }
+
+    async fn start_with_users(tls: Option<ClientCertificates>) -> Result<Self> {
         let binary = find_binary(NATS_SERVER_BIN_ENV, "nats-server")?;
         let dir = temp_dir("darkroom-nats-")?;
         let keys = darkroom_nats_auth::secrets::load_or_create(&dir.path().join("secrets"))
             .context("generate the NATS users' seeds")?;
+        let tls = tls
+            .map(|client_certificates| {
+                TestTls::generate(&dir.path().join("tls"), client_certificates)
+            })
+            .transpose()
+            .context("generate the test CA and certificates")?;
         // Listen addresses and the store are given on the command line, which wins over the file.
         let config = dir.path().join("nats.conf");
         let text = darkroom_nats_auth::render(
-            &darkroom_nats_auth::ServerSettings::default(),
+            &darkroom_nats_auth::ServerSettings {
+                tls: tls.as_ref().map(TestTls::server_settings),
+                ..darkroom_nats_auth::ServerSettings::default()
+            },
             &darkroom_nats_auth::secrets::public_keys(&keys),
         );
         fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
@@ -551,8 +651,24 @@ impl NatsServer {
             binary,
             config: Some(config),
             keys,
+            tls,
             dir,
         })
+    }
+
+    /// The test CA's certificate (`ca.crt`) of a server from [`start_tls`](Self::start_tls),
+    /// for `DARKROOM_NATS_TLS_CA_FILE`.
+    pub fn tls_ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(TestTls::ca_file)
+    }
+
+    /// A new client certificate for `name` from the test CA of a server from
+    /// [`start_tls`](Self::start_tls): its certificate and key files (PEM).
+    pub fn issue_client_certificate(&self, name: &str) -> Result<(PathBuf, PathBuf)> {
+        self.tls
+            .as_ref()
+            .with_context(|| format!("{} serves no TLS", self.url()))?
+            .issue_client(name)
     }
 
     /// `role`'s NKey on a server from [`start_secured`](Self::start_secured).
@@ -577,7 +693,12 @@ impl NatsServer {
 
     /// A client connected as `role` (see [`start_secured`](Self::start_secured)).
     pub async fn client_as(&self, role: Role) -> Result<async_nats::Client> {
-        async_nats::ConnectOptions::with_nkey(self.user_key(role).seed().to_owned())
+        let mut options =
+            async_nats::ConnectOptions::with_nkey(self.user_key(role).seed().to_owned());
+        if let Some(tls) = &self.tls {
+            options = tls.client_settings().apply(options);
+        }
+        options
             .connect(self.url())
             .await
             .with_context(|| format!("cannot connect to {} as {}", self.url(), role.user()))
@@ -586,16 +707,27 @@ impl NatsServer {
     /// A function's runtime settings for this server, as `role`: its seed file in
     /// [`RuntimeConfig::nats_nkey_file`](darkroom_shared::RuntimeConfig::nats_nkey_file).
     pub fn runtime_as(&self, role: Role) -> darkroom_shared::RuntimeConfig {
+        let tls = self
+            .tls
+            .as_ref()
+            .map(TestTls::client_settings)
+            .unwrap_or_default();
+        let (nats_tls_cert_file, nats_tls_key_file) = tls.client_certificate.unzip();
         darkroom_shared::RuntimeConfig {
             nats_url: self.url(),
             nats_nkey_file: Some(self.seed_file(role)),
+            nats_tls_ca_file: tls.ca_file,
+            nats_tls_cert_file,
+            nats_tls_key_file,
             ..darkroom_shared::RuntimeConfig::default()
         }
     }
 
-    /// Client URL, `nats://127.0.0.1:<port>`.
+    /// Client URL, `nats://127.0.0.1:<port>` (`tls://…` on a server from
+    /// [`start_tls`](Self::start_tls)).
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port())
+        let scheme = if self.tls.is_some() { "tls" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port())
     }
 
     /// Monitoring URL, `http://127.0.0.1:<port>` (`/healthz`, `/jsz`, …).
@@ -616,9 +748,21 @@ impl NatsServer {
     }
 
     /// The environment a Darkroom function needs to reach this server
-    /// (`DARKROOM_NATS_URL`), for `Command::envs`.
+    /// (`DARKROOM_NATS_URL`, and on a TLS server `DARKROOM_NATS_TLS_CA_FILE` and the client
+    /// certificate where it asks for one), for `Command::envs`. The NKey seed is the caller's.
     pub fn function_env(&self) -> Vec<(&'static str, String)> {
-        vec![("DARKROOM_NATS_URL", self.url())]
+        let mut env = vec![("DARKROOM_NATS_URL", self.url())];
+        if let Some(tls) = &self.tls {
+            let settings = tls.client_settings();
+            if let Some(ca) = settings.ca_file {
+                env.push(("DARKROOM_NATS_TLS_CA_FILE", ca.display().to_string()));
+            }
+            if let Some((cert, key)) = settings.client_certificate {
+                env.push(("DARKROOM_NATS_TLS_CERT_FILE", cert.display().to_string()));
+                env.push(("DARKROOM_NATS_TLS_KEY_FILE", key.display().to_string()));
+            }
+        }
+        env
     }
 
     /// Client port.

@@ -5,6 +5,9 @@
 //! darkroom-nats-config render --secrets-dir DIR --out nats.conf [--listen 127.0.0.1:4222]
 //!     [--monitor 127.0.0.1:8222] [--store-dir DIR] [--server-name NAME]
 //!     [--cluster-name NAME --cluster-listen 0.0.0.0:6222 --route nats-route://HOST:6222 ...]
+//!     [--tls-cert tls.crt --tls-key tls.key [--tls-ca ca.crt] [--tls-verify]]
+//! darkroom-nats-config tls-certs --out-dir DIR --name HOST [--name HOST ...] [--days N]
+//!     # a self-signed CA (ca.crt) and a server certificate for HOSTs (tls.crt, tls.key)
 //! darkroom-nats-config new-seed     # a fresh user seed (SU…) on stdout
 //! darkroom-nats-config public-key [--seed-file FILE]   # the U… key of a seed (stdin by default)
 //! darkroom-nats-config table        # the permission table in Markdown
@@ -17,8 +20,9 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use std::io::Read as _;
 
+use darkroom_nats_auth::tls::{CA_FILE, CERT_FILE, CertificateAuthority, KEY_FILE};
 use darkroom_nats_auth::{
-    ClusterSettings, ServerSettings, UserKey, render, secrets, server_config,
+    ClusterSettings, ServerSettings, ServerTls, UserKey, render, secrets, server_config,
 };
 
 #[derive(Debug, Parser)]
@@ -64,6 +68,33 @@ enum Command {
         /// Route URL of another server (repeat for each).
         #[arg(long = "route", requires = "cluster_name")]
         routes: Vec<String>,
+        /// The server's PEM certificate: serve TLS only, to clients and (clustered) on routes.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// PEM CA certificates that sign the peers' certificates (required on routes, where
+        /// the servers verify each other, and with --tls-verify).
+        #[arg(long, requires = "tls_cert")]
+        tls_ca: Option<PathBuf>,
+        /// Clients must present a certificate signed by --tls-ca (mutual TLS, on top of NKeys).
+        #[arg(long, requires = "tls_ca")]
+        tls_verify: bool,
+    },
+    /// Write a new self-signed CA (`ca.crt`) and a server certificate it signs for the given
+    /// names (`tls.crt`, `tls.key` 0600): test or bootstrap certificates for --tls-cert. The
+    /// CA's key is not kept: to rotate, run it again and roll the servers and clients.
+    TlsCerts {
+        /// Folder to write the files into (created if need be).
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// A DNS name or IP address clients (and routes) reach the server by (repeat).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Days the certificates are valid (at most ten years).
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: u64,
     },
     /// Print a new random NKey user seed (`SU…`), for a secret store.
     NewSeed,
@@ -93,7 +124,24 @@ fn main() -> anyhow::Result<()> {
             cluster_name,
             cluster_listen,
             routes,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            tls_verify,
         } => {
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert_file, key_file)| ServerTls {
+                    cert_file,
+                    key_file,
+                    ca_file: tls_ca,
+                    verify_clients: tls_verify,
+                });
+            if cluster_name.is_some() && tls.as_ref().is_some_and(|tls| tls.ca_file.is_none()) {
+                anyhow::bail!(
+                    "--tls-cert with --cluster-name needs --tls-ca: the servers verify each other on the routes"
+                );
+            }
             let keys = secrets::load_or_create(&secrets_dir)?;
             let settings = ServerSettings {
                 listen,
@@ -107,14 +155,33 @@ fn main() -> anyhow::Result<()> {
                         listen,
                         routes,
                     }),
+                tls,
             };
-            write_private(&out, &render(&settings, &secrets::public_keys(&keys)))
-                .with_context(|| format!("write {}", out.display()))?;
+            darkroom_nats_auth::tls::write_private(
+                &out,
+                &render(&settings, &secrets::public_keys(&keys)),
+            )
+            .with_context(|| format!("write {}", out.display()))?;
             println!(
                 "wrote {} ({} users; their seeds in {})",
                 out.display(),
                 keys.len(),
                 secrets_dir.display()
+            );
+        }
+        Command::TlsCerts {
+            out_dir,
+            names,
+            days,
+        } => {
+            let validity = std::time::Duration::from_secs(days.saturating_mul(86_400));
+            let ca = CertificateAuthority::generate("Darkroom NATS CA", validity)?;
+            let server = ca.issue_server(&names)?;
+            ca.write_server_files(&out_dir, &server)?;
+            println!(
+                "wrote {dir}/{CA_FILE}, {dir}/{CERT_FILE} and {dir}/{KEY_FILE} (for {names}, {days} days)",
+                dir = out_dir.display(),
+                names = names.join(", ")
             );
         }
         Command::NewSeed => println!("{}", UserKey::generate().seed()),
@@ -135,16 +202,4 @@ fn main() -> anyhow::Result<()> {
         Command::K8sAccount => print!("{}", server_config::account_block_with_variables()),
     }
     Ok(())
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    options.open(path)?.write_all(text.as_bytes())
 }

@@ -24,6 +24,8 @@ pub struct ServerSettings {
     pub server_name: Option<String>,
     /// Cluster routes, when the server is one of several.
     pub cluster: Option<ClusterSettings>,
+    /// TLS for clients, and for the routes of [`Self::cluster`]; plaintext when `None`.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerSettings {
@@ -34,6 +36,7 @@ impl Default for ServerSettings {
             store_dir: None,
             server_name: None,
             cluster: None,
+            tls: None,
         }
     }
 }
@@ -47,6 +50,45 @@ pub struct ClusterSettings {
     pub listen: String,
     /// Route URLs of the other servers (`nats-route://host:port`).
     pub routes: Vec<String>,
+}
+
+/// The server's TLS: its certificate and key, and the CA that clients' (and other servers')
+/// certificates are checked against. With it, the server accepts TLS connections only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// PEM certificate (chain) the server presents (`tls.crt`).
+    pub cert_file: PathBuf,
+    /// Its PEM private key (`tls.key`).
+    pub key_file: PathBuf,
+    /// PEM CA certificates to verify peers with (`ca.crt`): required on cluster routes, where
+    /// the servers verify each other; for clients, needed with [`Self::verify_clients`].
+    pub ca_file: Option<PathBuf>,
+    /// Whether clients must present a certificate signed by [`Self::ca_file`] (mutual TLS), on
+    /// top of their NKey.
+    pub verify_clients: bool,
+}
+
+/// Seconds a TLS handshake may take (nats-server's default, half a second, is short for a
+/// client across zones that just started).
+const TLS_HANDSHAKE_TIMEOUT_SECS: u32 = 2;
+
+/// A `tls {}` block indented by `indent`: the files, and `verify` when clients must show a
+/// certificate. nats-server verifies route peers whatever `verify` says.
+fn tls_block(tls: &ServerTls, indent: &str, verify: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{indent}tls {{");
+    let file = |path: &PathBuf| quote(&path.display().to_string());
+    let _ = writeln!(out, "{indent}  cert_file: {}", file(&tls.cert_file));
+    let _ = writeln!(out, "{indent}  key_file: {}", file(&tls.key_file));
+    if let Some(ca) = &tls.ca_file {
+        let _ = writeln!(out, "{indent}  ca_file: {}", file(ca));
+    }
+    if verify {
+        let _ = writeln!(out, "{indent}  verify: true");
+    }
+    let _ = writeln!(out, "{indent}  timeout: {TLS_HANDSHAKE_TIMEOUT_SECS}");
+    let _ = writeln!(out, "{indent}}}");
+    out
 }
 
 /// Renders the configuration for `public_keys` (role → NKey public key, `U…`). Roles without
@@ -65,6 +107,9 @@ pub fn render(settings: &ServerSettings, public_keys: &BTreeMap<Role, String>) -
     if let Some(monitor) = &settings.monitor {
         let _ = writeln!(out, "http: {}", quote(monitor));
     }
+    if let Some(tls) = &settings.tls {
+        out.push_str(&tls_block(tls, "", tls.verify_clients));
+    }
     out.push_str("jetstream {\n");
     if let Some(dir) = &settings.store_dir {
         let _ = writeln!(out, "  store_dir: {}", quote(&dir.display().to_string()));
@@ -75,6 +120,9 @@ pub fn render(settings: &ServerSettings, public_keys: &BTreeMap<Role, String>) -
         let _ = writeln!(out, "  name: {}", quote(&cluster.name));
         let _ = writeln!(out, "  listen: {}", quote(&cluster.listen));
         let _ = writeln!(out, "  routes: {}", list(&cluster.routes));
+        if let Some(tls) = &settings.tls {
+            out.push_str(&tls_block(tls, "  ", false));
+        }
         out.push_str("}\n");
     }
     // Users are defined, and no `no_auth_user`: a connection without credentials is refused.
@@ -306,6 +354,72 @@ mod tests {
         assert!(text.contains(
             "cluster {\n  name: \"darkroom\"\n  listen: \"0.0.0.0:6222\"\n  routes: [\"nats-route://n2:6222\", \"nats-route://n3:6222\"]\n}"
         ));
+    }
+
+    fn server_tls(ca: bool, verify_clients: bool) -> ServerTls {
+        ServerTls {
+            cert_file: "/etc/nats/tls/tls.crt".into(),
+            key_file: "/etc/nats/tls/tls.key".into(),
+            ca_file: ca.then(|| "/etc/nats/tls/ca.crt".into()),
+            verify_clients,
+        }
+    }
+
+    #[test]
+    fn no_tls_unless_asked() {
+        let text = render(&ServerSettings::default(), &BTreeMap::new());
+        assert!(!text.contains("tls"), "{text}");
+    }
+
+    #[test]
+    fn tls_for_clients_with_and_without_verification() {
+        let settings = ServerSettings {
+            tls: Some(server_tls(false, false)),
+            ..ServerSettings::default()
+        };
+        let text = render(&settings, &BTreeMap::new());
+        assert!(
+            text.contains(
+                "tls {\n  cert_file: \"/etc/nats/tls/tls.crt\"\n  key_file: \"/etc/nats/tls/tls.key\"\n  timeout: 2\n}\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("verify"));
+
+        let settings = ServerSettings {
+            tls: Some(server_tls(true, true)),
+            ..ServerSettings::default()
+        };
+        let text = render(&settings, &BTreeMap::new());
+        assert!(
+            text.contains(
+                "tls {\n  cert_file: \"/etc/nats/tls/tls.crt\"\n  key_file: \"/etc/nats/tls/tls.key\"\n  ca_file: \"/etc/nats/tls/ca.crt\"\n  verify: true\n  timeout: 2\n}\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_tls_cluster_secures_its_routes_too() {
+        let settings = ServerSettings {
+            server_name: Some("n1".to_owned()),
+            cluster: Some(ClusterSettings {
+                name: "darkroom".to_owned(),
+                listen: "0.0.0.0:6222".to_owned(),
+                routes: vec!["nats-route://n2:6222".to_owned()],
+            }),
+            tls: Some(server_tls(true, false)),
+            ..ServerSettings::default()
+        };
+        let text = render(&settings, &BTreeMap::new());
+        assert!(
+            text.contains(
+                "  routes: [\"nats-route://n2:6222\"]\n  tls {\n    cert_file: \"/etc/nats/tls/tls.crt\"\n    key_file: \"/etc/nats/tls/tls.key\"\n    ca_file: \"/etc/nats/tls/ca.crt\"\n    timeout: 2\n  }\n}\n"
+            ),
+            "{text}"
+        );
+        // Two blocks: clients' at the top level, routes' in the cluster.
+        assert_eq!(text.matches("tls {").count(), 2, "{text}");
     }
 
     #[test]
