@@ -37,6 +37,10 @@ pub struct WorkerInventory {
     /// LUT file names.
     #[serde(default)]
     pub luts: Vec<String>,
+    /// The depth estimator's folder name, when the worker draws depth maps (`None`: it does
+    /// not; older workers did not say).
+    #[serde(default)]
+    pub depth_model: Option<String>,
     /// When it was written.
     pub updated_at: DateTime<Utc>,
 }
@@ -50,6 +54,8 @@ pub struct AssetNeeds<'a> {
     pub controlnets: Vec<&'a str>,
     /// LUT file names.
     pub luts: Vec<&'a str>,
+    /// A depth ControlNet, whose map the worker draws: it needs a depth estimator.
+    pub depth_model: bool,
 }
 
 impl WorkerInventory {
@@ -66,6 +72,9 @@ impl WorkerInventory {
                     missing.push(format!("{kind} {name:?}"));
                 }
             }
+        }
+        if needs.depth_model && self.depth_model.is_none() {
+            missing.push("a depth model (DARKROOM_DEPTH_MODEL)".to_owned());
         }
         missing
     }
@@ -183,6 +192,7 @@ mod tests {
             loras: loras.iter().map(|s| (*s).to_owned()).collect(),
             controlnets: controlnets.iter().map(|s| (*s).to_owned()).collect(),
             luts: Vec::new(),
+            depth_model: None,
             updated_at: Utc::now(),
         }
     }
@@ -192,7 +202,7 @@ mod tests {
         let needs = AssetNeeds {
             loras: vec!["style.safetensors"],
             controlnets: vec!["canny"],
-            luts: Vec::new(),
+            ..AssetNeeds::default()
         };
         let a = inventory("a", &["style.safetensors"], &[]);
         let b = inventory("b", &["style.safetensors"], &["canny"]);
@@ -205,6 +215,27 @@ mod tests {
             unservable(&[inventory("c", &[], &[])], &AssetNeeds::default()),
             None
         );
+    }
+
+    #[test]
+    fn a_depth_controlnet_needs_a_worker_with_a_depth_model() {
+        let needs = AssetNeeds {
+            controlnets: vec!["depth"],
+            depth_model: true,
+            ..AssetNeeds::default()
+        };
+        let without = inventory("a", &[], &["depth"]);
+        let reason = unservable(std::slice::from_ref(&without), &needs).unwrap();
+        assert!(reason.contains("a lacks a depth model"), "{reason}");
+        let with = WorkerInventory {
+            depth_model: Some("depth-anything-v2-small".to_owned()),
+            ..inventory("b", &[], &["depth"])
+        };
+        assert_eq!(unservable(&[without, with], &needs), None);
+        // An inventory written before the field existed reads as no depth model.
+        let old = r#"{"worker":"c","model":"m","updated_at":"2026-11-23T00:00:00Z"}"#;
+        let parsed: WorkerInventory = serde_json::from_str(old).unwrap();
+        assert_eq!(parsed.depth_model, None);
     }
 
     #[test]

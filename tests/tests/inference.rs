@@ -39,7 +39,7 @@ const ACK_WAIT_SECS: u64 = 2;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// Presets for the tiny model: small fixed sizes so a CPU renders in seconds.
-const PRESETS: [(&str, &str); 3] = [
+const PRESETS: [(&str, &str); 4] = [
     (
         "tiny-desk",
         r#"name = "tiny-desk"
@@ -72,6 +72,22 @@ steps = 60
 guidance = 5.0
 scheduler = "euler-a"
 resolution = { width = 512, height = 512 }
+"#,
+    ),
+    (
+        "tiny-depth",
+        r#"name = "tiny-depth"
+prompt = "a diorama of {subject}"
+steps = 4
+guidance = 5.0
+scheduler = "euler"
+strength = 0.6
+resolution = { width = 256, height = 256 }
+
+[[controlnets]]
+kind = "depth"
+model = "controlnet-depth-sdxl-1.0"
+scale = 0.7
 "#,
     ),
     (
@@ -266,6 +282,11 @@ impl Stack {
 
     /// Starts a worker named `name` on the tiny studio, with LoRAs from the stack's own folder.
     async fn worker(&self, name: &str) -> Worker {
+        self.worker_with(name, true).await
+    }
+
+    /// A worker, with the tiny studio's depth model (`DARKROOM_DEPTH_MODEL`) or without.
+    async fn worker_with(&self, name: &str, depth_model: bool) -> Worker {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let health_port = darkroom_tests::reserve_port().unwrap();
@@ -288,6 +309,7 @@ impl Stack {
             .env("DARKROOM_LORA_DIR", self.dir.path().join("loras"))
             .env("DARKROOM_DEVICE", "cpu")
             .env("DARKROOM_WORKER_NAME", name)
+            .envs(depth_model.then(|| ("DARKROOM_DEPTH_MODEL", self.studio.join("depth"))))
             .env("DARKROOM_PROGRESS_INTERVAL_MS", "100")
             .env("DARKROOM_HEALTH_ADDR", format!("127.0.0.1:{health_port}"))
             // A drained worker finishes its job however slow this shared machine is.
@@ -361,6 +383,16 @@ impl Stack {
             .await
             .ok()?;
         Some(response.body.collect().await.unwrap().to_vec())
+    }
+
+    /// The live workers' inventories (KV `darkroom_workers`).
+    async fn live_workers(&self) -> Vec<darkroom_shared::workers::WorkerInventory> {
+        darkroom_shared::workers::WorkerRegistry::open(&self.js)
+            .await
+            .unwrap()
+            .live()
+            .await
+            .unwrap()
     }
 
     async fn status(&self, job: JobId) -> Option<JobStatus> {
@@ -574,6 +606,49 @@ async fn a_preset_naming_a_file_no_running_worker_has_fails_at_upload() {
     assert!(stack.started(job).await.is_empty());
     let jobs = darkroom_tests::stream_messages(&stack.js, subjects::JOBS_STREAM).await;
     assert!(jobs.is_empty(), "nothing was queued for the GPU");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_depth_controlnet_gets_its_map_from_the_worker_and_needs_a_worker_with_a_depth_model() {
+    let stack = Stack::start().await;
+    // Only a worker without a depth model: preprocess refuses the depth preset at upload.
+    let without = stack.worker_with("gpu-plain", false).await;
+    let object = stack.upload("tiny-depth", "room.jpg", 8).await;
+    let refused = object.job_id().unwrap();
+    stack.announce(&object).await;
+    let failed = stack.failed(refused).await;
+    assert_eq!(failed.stage, darkroom_events::Stage::Preprocess);
+    assert_eq!(failed.reason, FailureReason::ModelError);
+    assert!(
+        failed.message.contains("gpu-plain lacks a depth model"),
+        "{}",
+        failed.message
+    );
+    drop(without);
+
+    // A worker with one draws the map from the prepared input and renders.
+    let _worker = stack.worker("gpu-depth").await;
+    let object = stack.upload("tiny-depth", "hall.jpg", 9).await;
+    let job = object.job_id().unwrap();
+    darkroom_tests::wait_for(
+        WAIT,
+        || stack.live_workers(),
+        |workers| {
+            workers
+                .iter()
+                .any(|w| w.worker == "gpu-depth" && w.depth_model.is_some())
+        },
+    )
+    .await;
+    // Preprocess trusts the inventories it read for 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stack.announce(&object).await;
+    let completed = stack.completed(job).await;
+    assert_eq!(completed.controlnets.len(), 1);
+    assert_eq!(completed.controlnets[0].name, "controlnet-depth-sdxl-1.0");
+    // Preprocess drew no depth map: the job carried none.
+    let queued = darkroom_tests::stream_messages(&stack.js, subjects::JOBS_STREAM).await;
+    assert!(queued.is_empty(), "the work queue is empty once done");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

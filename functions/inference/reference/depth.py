@@ -53,19 +53,25 @@ def randomize(model: torch.nn.Module) -> None:
             parameter.copy_(values)
 
 
+def build(variant: dict) -> DepthAnythingForDepthEstimation:
+    """A randomized DepthAnythingForDepthEstimation of `variant`'s shape."""
+    backbone = Dinov2Config(
+        patch_size=14,
+        reshape_hidden_states=False,
+        apply_layernorm=True,
+        **variant["backbone"],
+    )
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, **variant["neck"])
+    model = DepthAnythingForDepthEstimation(config).eval()
+    randomize(model)
+    return model
+
+
 def main():
     args = common.parse_args(__doc__)
     common.seed_everything(args.seed)
     for name, variant in VARIANTS.items():
-        backbone = Dinov2Config(
-            patch_size=14,
-            reshape_hidden_states=False,
-            apply_layernorm=True,
-            **variant["backbone"],
-        )
-        config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, **variant["neck"])
-        model = DepthAnythingForDepthEstimation(config).eval()
-        randomize(model)
+        model = build(variant)
         out = args.out / name
         model.save_pretrained(out, safe_serialization=True)
         tensors = {}

@@ -6,10 +6,15 @@ real weights (none can be downloaded here).
 Output:
   model/                                      the SDXL pipeline (diffusers folder layout)
   controlnets/controlnet-canny-sdxl-1.0/      ControlNet (diffusers model folder), from the UNet
+  controlnets/controlnet-depth-sdxl-1.0/      another, for presets with a depth ControlNet
+  depth/                                      a tiny Depth Anything (transformers folder; its
+                                              processor works at 112 px) the worker draws depth
+                                              maps with (DARKROOM_DEPTH_MODEL)
   loras/storybook-style.safetensors           a rank-4 PEFT LoRA on every attention projection
 """
 
 import common
+import depth as depth_reference
 import lora as lora_reference
 import pipeline as reference
 
@@ -23,9 +28,19 @@ def main():
 
     from diffusers import ControlNetModel
 
-    net = ControlNetModel.from_unet(pipe.unet).eval()
-    reference.randomize(net, 0.05)
-    net.save_pretrained(args.out / "controlnets" / "controlnet-canny-sdxl-1.0", safe_serialization=True)
+    for name in ("controlnet-canny-sdxl-1.0", "controlnet-depth-sdxl-1.0"):
+        net = ControlNetModel.from_unet(pipe.unet).eval()
+        reference.randomize(net, 0.05)
+        net.save_pretrained(args.out / "controlnets" / name, safe_serialization=True)
+
+    depth = depth_reference.build(depth_reference.VARIANTS["small"])
+    depth.save_pretrained(args.out / "depth", safe_serialization=True)
+    common.write_json(args.out / "depth" / "preprocessor_config.json", {
+        "size": {"height": 112, "width": 112},
+        "ensure_multiple_of": 14,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    })
 
     attention = {name: lora_reference.RANK for name, m in pipe.unet.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".attn" in name}

@@ -38,7 +38,7 @@ use darkroom_events::{
     CloudEvent, FailureReason, JobFailed, JobId, JobQueued, ObjectRef, S3EventRecord, Stage,
 };
 use darkroom_shared::jobs::{JobStatus, JobStore};
-use darkroom_shared::preset::{Preset, PresetLibrary};
+use darkroom_shared::preset::{ControlKind, Preset, PresetLibrary};
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::telemetry::TraceParent;
 use darkroom_shared::workers::{AssetNeeds, WorkerInventory, WorkerRegistry};
@@ -189,6 +189,7 @@ impl PreprocessHandler {
                 .iter()
                 .filter_map(|t| t.lut.as_deref())
                 .collect(),
+            depth_model: preset.control_kinds().contains(&ControlKind::Depth),
         };
         if needs == AssetNeeds::default() {
             return Ok(());

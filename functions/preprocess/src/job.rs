@@ -45,9 +45,9 @@ pub enum JobError {
     /// The preset is unknown, or the operator's preset files are broken.
     #[error(transparent)]
     Preset(#[from] PresetError),
-    /// The preset wants a control map preprocess cannot draw.
+    /// The preset wants a control map nothing draws (pose).
     #[error(
-        "preset {preset} needs a {kind} control map, which preprocess cannot draw (only canny)"
+        "preset {preset} needs a {kind} control map, which nothing draws (preprocess draws canny maps, the worker depth maps)"
     )]
     UnsupportedControl {
         /// The preset.
@@ -119,7 +119,9 @@ pub fn prepare_options(
     for kind in preset.control_kinds() {
         match kind {
             ControlKind::Canny => canny = Some(config.canny()),
-            ControlKind::Depth | ControlKind::Pose => {
+            // The worker draws depth maps from the prepared input (its depth estimator).
+            ControlKind::Depth => {}
+            ControlKind::Pose => {
                 return Err(JobError::UnsupportedControl {
                     preset: preset.name.clone(),
                     kind: kind.as_str(),
@@ -254,7 +256,9 @@ pub fn job_output(
     for kind in preset.control_kinds() {
         let map = match kind {
             ControlKind::Canny => prepared.canny.as_ref(),
-            ControlKind::Depth | ControlKind::Pose => None,
+            // Drawn by the worker from `input.png`: no map in the job.
+            ControlKind::Depth => continue,
+            ControlKind::Pose => None,
         }
         .ok_or_else(|| {
             JobError::Preprocess(PreprocessError::Internal {
@@ -358,9 +362,15 @@ mod tests {
             "name = \"deep\"\nprompt = \"x\"\n[[controlnets]]\nkind = \"depth\"\nmodel = \"d\"\n",
         )
         .unwrap();
-        let error = prepare_options(&depth, &config).unwrap_err();
+        assert!(prepare_options(&depth, &config).unwrap().canny.is_none());
+        let pose = Preset::from_toml(
+            "posed",
+            "name = \"posed\"\nprompt = \"x\"\n[[controlnets]]\nkind = \"pose\"\nmodel = \"p\"\n",
+        )
+        .unwrap();
+        let error = prepare_options(&pose, &config).unwrap_err();
         assert_eq!(error.reason(), FailureReason::Internal);
-        assert!(error.to_string().contains("depth"), "{error}");
+        assert!(error.to_string().contains("pose"), "{error}");
 
         let fixed = Preset::from_toml(
             "fixed",

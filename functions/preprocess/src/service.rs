@@ -17,7 +17,7 @@ use crate::handler::{PreprocessHandler, SOURCE};
 /// Connects to NATS and S3, ensures every stream, consumer and the KV bucket exist, loads
 /// the presets, and returns the handler.
 ///
-/// Presets the pipeline cannot serve (a depth or pose ControlNet: only canny maps are drawn)
+/// Presets the pipeline cannot serve (a pose ControlNet: nothing draws pose maps)
 /// stop it before it connects, naming each: better a deployment that does not start than
 /// uploads that can only fail.
 ///
@@ -103,13 +103,13 @@ mod tests {
     }
 
     #[test]
-    fn a_preset_asking_for_a_depth_map_stops_the_start() {
+    fn a_preset_asking_for_a_pose_map_stops_the_start() {
         let dir = tempfile::tempdir().unwrap();
         let desk = include_str!("../../../shared/presets/desk-setup.toml");
         assert!(desk.contains("kind = \"canny\""));
         let deep = desk
             .replace("name = \"desk-setup\"", "name = \"deep\"")
-            .replace("kind = \"canny\"", "kind = \"depth\"");
+            .replace("kind = \"canny\"", "kind = \"pose\"");
         std::fs::write(dir.path().join("deep.toml"), deep).unwrap();
         let config = PreprocessConfig {
             preprocess_preset_dir: Some(dir.path().to_path_buf()),
@@ -119,7 +119,7 @@ mod tests {
         assert!(
             error
                 .to_string()
-                .contains("preset deep needs a depth control map"),
+                .contains("preset deep needs a pose control map"),
             "{error}"
         );
     }

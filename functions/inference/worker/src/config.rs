@@ -33,6 +33,10 @@ pub struct WorkerConfig {
     pub controlnet_dir: PathBuf,
     /// Folder of `.cube` LUTs jobs name (`render.tone.lut`; default `models/luts`).
     pub lut_dir: PathBuf,
+    /// A depth estimator (a transformers Depth Anything folder, e.g. Depth-Anything-V2-Small)
+    /// for the depth maps of depth ControlNets, drawn here from the prepared input. Unset
+    /// (default): jobs with a depth ControlNet fail with `model_error`.
+    pub depth_model: Option<PathBuf>,
     /// LoRA factors kept loaded between jobs, in MiB (default 2048).
     pub lora_cache_mib: usize,
     /// ControlNets kept loaded between jobs (default 2; each SDXL ControlNet is ~2.5 GB in f16).
@@ -60,6 +64,7 @@ impl Default for WorkerConfig {
             lora_dir: PathBuf::from("models/loras"),
             controlnet_dir: PathBuf::from("models/controlnets"),
             lut_dir: PathBuf::from("models/luts"),
+            depth_model: None,
             lora_cache_mib: 2048,
             controlnet_cache: 2,
             worker_name: None,

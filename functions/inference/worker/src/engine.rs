@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use darkroom_events::{AdapterUsed, InferenceJob, ModelUsed, StageTimings};
 use darkroom_inference::EngineError;
+use darkroom_inference::depth::DepthEstimator;
 use darkroom_inference::device::{DType, DeviceSpec};
 use darkroom_inference::loader::{
     Component, ComponentSource, ModelSource, SourceOptions, WeightVariant,
@@ -73,6 +74,8 @@ pub struct LoadedModel {
     pub dtype: String,
     /// Seconds the load took.
     pub load_seconds: u64,
+    /// The depth estimator's folder name, when one is loaded.
+    pub depth_model: Option<String>,
 }
 
 struct Job {
@@ -151,6 +154,12 @@ impl Engine {
         let lora_cache_bytes = config.lora_cache_mib << 20;
         let controlnet_cache = config.controlnet_cache.max(1);
         let cuda_graphs = config.cuda_graphs;
+        let depth_path = config.depth_model.clone();
+        let depth_model = depth_path.as_ref().map(|path| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string())
+        });
         let path = model_path.clone();
         std::thread::Builder::new()
             .name("engine".to_owned())
@@ -162,7 +171,14 @@ impl Engine {
                         Ok((pipeline, target))
                     },
                 );
-                let (pipeline, lora_target) = match loaded {
+                let loaded = loaded.and_then(|(pipeline, target)| {
+                    let depth = depth_path
+                        .as_deref()
+                        .map(|dir| DepthEstimator::load(dir, device, dtype))
+                        .transpose()?;
+                    Ok((pipeline, target, depth))
+                });
+                let (pipeline, lora_target, depth) = match loaded {
                     Ok(loaded) => loaded,
                     Err(error) => {
                         let _ = loaded_tx.send(Err(error));
@@ -180,6 +196,7 @@ impl Engine {
                     loras: LoraCache::new(lora_cache_bytes),
                     controlnets: HashMap::new(),
                     controlnet_cache,
+                    depth,
                     digests: DigestCache::default(),
                     assets,
                     dtype,
@@ -221,6 +238,7 @@ impl Engine {
                 device: format!("{device:?}").to_lowercase(),
                 dtype: format!("{kind:?}").to_lowercase(),
                 load_seconds: elapsed.as_secs(),
+                depth_model,
             },
             digest: digest_rx,
         })
@@ -317,6 +335,7 @@ struct EngineState {
     loras: LoraCache,
     controlnets: HashMap<String, CachedControlNet>,
     controlnet_cache: usize,
+    depth: Option<DepthEstimator>,
     digests: DigestCache,
     assets: AssetDirs,
     dtype: DType,
@@ -339,6 +358,9 @@ impl EngineState {
         let mut timings = StageTimings::default();
 
         let started = Instant::now();
+        if render.controlnets.iter().any(|c| c.kind == "depth") && !controls.contains_key("depth") {
+            controls.insert("depth".to_owned(), self.depth_map(&init)?);
+        }
         let loras = self.switch_loras(&job)?;
         let mut control_inputs = Vec::with_capacity(render.controlnets.len());
         let mut controlnets = Vec::with_capacity(render.controlnets.len());
@@ -437,6 +459,13 @@ impl EngineState {
             controlnets,
             timings,
         })
+    }
+
+    /// The depth map of the prepared input, as the RGB control image depth ControlNets take.
+    fn depth_map(&self, init: &RgbImage) -> Result<RgbImage, RenderError> {
+        let estimator = self.depth.as_ref().ok_or(RenderError::NoDepthModel)?;
+        let map = estimator.depth_map(init).map_err(RenderError::Engine)?;
+        Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
     }
 
     /// Fuses the job's LoRAs (from the cache; restoring the base model when it names none).

@@ -60,6 +60,11 @@ pub enum RenderError {
     /// The model's weights could not be hashed.
     #[error("cannot hash the model's weights: {0}")]
     Digest(String),
+    /// A depth ControlNet's map is drawn here, and this worker has no depth estimator.
+    #[error(
+        "the job's depth ControlNet needs a depth map and this worker has no depth model (DARKROOM_DEPTH_MODEL)"
+    )]
+    NoDepthModel,
     /// The engine panicked on this job.
     #[error("the engine failed unexpectedly: {0}")]
     Panicked(String),
@@ -91,7 +96,9 @@ impl RenderError {
             RenderError::Engine(error) => engine_reason(error),
             RenderError::Tone(error) if error.is_retryable() => FailureReason::Internal,
             RenderError::Tone(_) => FailureReason::ModelError,
-            RenderError::Io { .. } | RenderError::Digest(_) => FailureReason::ModelError,
+            RenderError::Io { .. } | RenderError::Digest(_) | RenderError::NoDepthModel => {
+                FailureReason::ModelError
+            }
             RenderError::Panicked(_)
             | RenderError::EngineGone
             | RenderError::Store { .. }
@@ -111,6 +118,7 @@ impl RenderError {
             | RenderError::Store { .. }
             | RenderError::Runtime(_) => true,
             RenderError::InvalidJob(_)
+            | RenderError::NoDepthModel
             | RenderError::Asset(_)
             | RenderError::Decode { .. }
             | RenderError::Cancelled { .. }

@@ -293,13 +293,17 @@ impl InferenceHandler {
             let image = job
                 .control_images
                 .iter()
-                .find(|image| image.kind == params.kind)
-                .ok_or_else(|| {
-                    RenderError::InvalidJob(format!(
-                        "ControlNet {} reads a {} map and the job has none",
-                        params.model, params.kind
-                    ))
-                })?;
+                .find(|image| image.kind == params.kind);
+            // Depth maps are drawn by the engine from the input when the job brings none.
+            if image.is_none() && params.kind == "depth" {
+                continue;
+            }
+            let image = image.ok_or_else(|| {
+                RenderError::InvalidJob(format!(
+                    "ControlNet {} reads a {} map and the job has none",
+                    params.model, params.kind
+                ))
+            })?;
             controls.insert(
                 params.kind.clone(),
                 self.fetch_image(job, &image.key).await?,

@@ -58,6 +58,7 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         registry.clone(),
         config.worker_name(),
         model.name.clone(),
+        model.depth_model.clone(),
         AssetDirs::from_config(&config),
         shutdown.clone(),
     ));
@@ -92,6 +93,7 @@ async fn keep_inventory(
     registry: WorkerRegistry,
     worker: String,
     model: String,
+    depth_model: Option<String>,
     assets: AssetDirs,
     shutdown: CancellationToken,
 ) {
@@ -113,6 +115,7 @@ async fn keep_inventory(
             loras,
             controlnets,
             luts,
+            depth_model: depth_model.clone(),
             updated_at: chrono::Utc::now(),
         };
         if let Err(error) = registry.put(&inventory).await {
