@@ -1388,6 +1388,57 @@ pub async fn announce_upload(
     .unwrap_or_else(|e| panic!("ack of the upload of {object}: {e}"));
 }
 
+/// A command for one of Darkroom's binaries (`program`, e.g. `env!("CARGO_BIN_EXE_darkroom-cli")`)
+/// as a user would run it: none of the caller's `DARKROOM_*` or `AWS_*` variables (whatever
+/// `local-dev/env.sh` exported), stdin closed, killed when dropped. Add its settings with
+/// `.env(…)`.
+pub fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("DARKROOM_") || name.starts_with("AWS_") {
+            command.env_remove(name.as_ref());
+        }
+    }
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    command
+}
+
+/// A raw NATS protocol connection to `127.0.0.1:port` (blocking, 10 s read timeout), for
+/// tests that speak the protocol by hand: the reader, the writer, and the server's `INFO`.
+///
+/// # Panics
+/// When the server cannot be reached or its first line is not `INFO {json}`.
+pub fn raw_nats_connection(
+    port: u16,
+) -> (
+    io::BufReader<std::net::TcpStream>,
+    std::net::TcpStream,
+    serde_json::Value,
+) {
+    use std::io::BufRead as _;
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("connect to nats on {port}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("read timeout: {e}"));
+    let mut reader = io::BufReader::new(
+        stream
+            .try_clone()
+            .unwrap_or_else(|e| panic!("clone the socket: {e}")),
+    );
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("read INFO: {e}"));
+    let info = line
+        .trim()
+        .strip_prefix("INFO ")
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_else(|| panic!("not an INFO line: {line:?}"));
+    (reader, stream, info)
+}
+
 /// A 320×240 JPEG: a checkerboard whose colours depend on `index`, so every index is a
 /// different object (and a different job) with the same quick preprocessing.
 pub fn checkerboard_jpeg(index: usize) -> Vec<u8> {

@@ -75,13 +75,7 @@ impl Stack {
     /// `darkroom ARGS…` configured for this stack only through `DARKROOM_*` variables, as a
     /// user would (everything `local-dev/env.sh` exported is removed first).
     fn cli(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"));
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy().into_owned();
-            if name.starts_with("DARKROOM_") || name.starts_with("AWS_") {
-                command.env_remove(name);
-            }
-        }
+        let mut command = darkroom_tests::clean_command(env!("CARGO_BIN_EXE_darkroom-cli"));
         command
             .args(args)
             .env("DARKROOM_NATS_URL", self.nats.url())

@@ -291,12 +291,7 @@ impl Stack {
         let file = std::fs::File::create(&log).unwrap();
         let health_port = darkroom_tests::reserve_port().unwrap();
         let mut command =
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-inference-worker"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("DARKROOM_") {
-                command.env_remove(key);
-            }
-        }
+            darkroom_tests::clean_command(env!("CARGO_BIN_EXE_darkroom-inference-worker"));
         command
             .env("DARKROOM_NATS_URL", self.nats.url())
             .env("DARKROOM_S3_ENDPOINT", self.s3.endpoint())

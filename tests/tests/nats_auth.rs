@@ -6,7 +6,7 @@
 //! seed files.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, BufReader, Cursor, Write as _};
+use std::io::{BufRead as _, Cursor, Write as _};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -110,19 +110,11 @@ async fn refused(
 /// server's nonce with `signer`'s seed, followed by a `PING`: its first line after `INFO`
 /// (`PONG` when accepted, `-ERR 'Authorization Violation'` when refused).
 async fn raw_nkey_connect(nats: &NatsServer, public_key: &str, signer: &UserKey) -> String {
-    let address = format!("127.0.0.1:{}", nats.port());
+    let port = nats.port();
     let public_key = public_key.to_owned();
     let signer = nkeys::KeyPair::from_seed(signer.seed()).unwrap();
     tokio::task::spawn_blocking(move || {
-        let stream = std::net::TcpStream::connect(address).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut info = String::new();
-        reader.read_line(&mut info).unwrap();
-        let info: serde_json::Value =
-            serde_json::from_str(info.strip_prefix("INFO ").unwrap()).unwrap();
+        let (mut reader, stream, info) = darkroom_tests::raw_nats_connection(port);
         let nonce = info["nonce"].as_str().unwrap();
         use base64::Engine as _;
         let signature = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -394,14 +386,7 @@ async fn cli_with_seed_file(
     seed_file: &std::path::Path,
     args: &[&str],
 ) -> (i32, String, String) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"));
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        if name.starts_with("DARKROOM_") || name.starts_with("AWS_") {
-            command.env_remove(name);
-        }
-    }
-    let output = command
+    let output = darkroom_tests::clean_command(env!("CARGO_BIN_EXE_darkroom-cli"))
         .args(args)
         .env("DARKROOM_NATS_URL", nats.url())
         .env("DARKROOM_NATS_NKEY_FILE", seed_file)

@@ -9,7 +9,7 @@
 //! servers whose certificates its CA signed.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, BufReader, Cursor, Write as _};
+use std::io::{Cursor, Write as _};
 use std::path::Path;
 use std::time::Duration;
 
@@ -60,13 +60,7 @@ async fn operator_cli(
     env: &[(&str, String)],
     args: &[&str],
 ) -> (i32, String, String) {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"));
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        if name.starts_with("DARKROOM_") || name.starts_with("AWS_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = darkroom_tests::clean_command(env!("CARGO_BIN_EXE_darkroom-cli"));
     command
         .args(args)
         .env("DARKROOM_NATS_URL", nats.url())
@@ -280,17 +274,9 @@ async fn without_the_ca_the_server_is_not_trusted() {
 /// (which says TLS is required), sends `CONNECT` and `PING` unencrypted, and returns the
 /// `INFO` and what follows until the server closes the connection.
 async fn plaintext_exchange(nats: &NatsServer) -> (serde_json::Value, String) {
-    let address = format!("127.0.0.1:{}", nats.port());
+    let port = nats.port();
     tokio::task::spawn_blocking(move || {
-        let stream = std::net::TcpStream::connect(address).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut info = String::new();
-        reader.read_line(&mut info).unwrap();
-        let info: serde_json::Value =
-            serde_json::from_str(info.trim().strip_prefix("INFO ").unwrap()).unwrap();
+        let (mut reader, stream, info) = darkroom_tests::raw_nats_connection(port);
         let mut writer = stream;
         write!(
             writer,
