@@ -704,6 +704,63 @@ impl NatsServer {
             .with_context(|| format!("cannot connect to {} as {}", self.url(), role.user()))
     }
 
+    /// Preprocess (its own `serve`, as its binary runs it) as the `preprocess` user, against
+    /// `s3`'s `bucket`, checking the topology rather than provisioning it. Stop it with the
+    /// token; the task ends with its result.
+    pub fn spawn_preprocess_as_its_user(
+        &self,
+        s3: &S3Server,
+        bucket: &str,
+    ) -> (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    ) {
+        let config = darkroom_preprocess::config::PreprocessConfig {
+            runtime: darkroom_shared::RuntimeConfig {
+                s3_endpoint: Some(s3.endpoint()),
+                s3_access_key_id: Some(s3.access_key().to_owned()),
+                s3_secret_access_key: Some(s3.secret_key().to_owned()),
+                bucket: bucket.to_owned(),
+                jetstream_provision: false,
+                ..self.runtime_as(Role::Preprocess)
+            },
+            ..darkroom_preprocess::config::PreprocessConfig::default()
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(darkroom_preprocess::service::serve(
+            config,
+            shutdown.clone(),
+        ));
+        (shutdown, task)
+    }
+
+    /// Announces `object` as the `ingest` user and waits (up to `timeout`) until the jobs
+    /// stream holds a job, read as the `provisioner`: the stream's messages then.
+    ///
+    /// # Panics
+    /// When a connection fails or no job arrives in time.
+    pub async fn announce_and_wait_for_a_job(
+        &self,
+        object: &darkroom_events::ObjectRef,
+        timeout: Duration,
+    ) -> Vec<async_nats::jetstream::message::StreamMessage> {
+        let connect = |role: Role| async move {
+            async_nats::jetstream::new(
+                self.client_as(role)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e:#}")),
+            )
+        };
+        announce_upload(&connect(Role::Ingest).await, object).await;
+        let provisioner = connect(Role::Provisioner).await;
+        wait_for(
+            timeout,
+            || stream_messages(&provisioner, darkroom_events::subjects::JOBS_STREAM),
+            |jobs| !jobs.is_empty(),
+        )
+        .await
+    }
+
     /// A function's runtime settings for this server, as `role`: its seed file in
     /// [`RuntimeConfig::nats_nkey_file`](darkroom_shared::RuntimeConfig::nats_nkey_file).
     pub fn runtime_as(&self, role: Role) -> darkroom_shared::RuntimeConfig {

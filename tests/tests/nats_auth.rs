@@ -14,7 +14,6 @@ use darkroom_events::subjects::{self, consumers};
 use darkroom_events::{FailureReason, Stage};
 use darkroom_events::{JobId, lifecycle::LifecycleKind};
 use darkroom_nats_auth::Role;
-use darkroom_preprocess::config::PreprocessConfig;
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::{DeadLetter, Publisher};
 use darkroom_shared::topology::Topology;
@@ -22,7 +21,6 @@ use darkroom_tests::{NatsServer, S3Server, UserKey};
 use futures::StreamExt;
 use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 const BUCKET: &str = "photos";
 const WAIT: Duration = Duration::from_secs(30);
@@ -436,24 +434,7 @@ async fn the_functions_work_with_their_own_seeds() {
         .await
         .unwrap();
 
-    let config = PreprocessConfig {
-        runtime: darkroom_shared::RuntimeConfig {
-            s3_endpoint: Some(s3.endpoint()),
-            s3_access_key_id: Some(s3.access_key().to_owned()),
-            s3_secret_access_key: Some(s3.secret_key().to_owned()),
-            bucket: BUCKET.to_owned(),
-            jetstream_provision: false,
-            ..nats.runtime_as(Role::Preprocess)
-        },
-        ..PreprocessConfig::default()
-    };
-    let shutdown = CancellationToken::new();
-    let preprocess = tokio::spawn(darkroom_preprocess::service::serve(
-        config,
-        shutdown.clone(),
-    ));
-
-    let ingest = jetstream::new(nats.client_as(Role::Ingest).await.unwrap());
+    let (shutdown, preprocess) = nats.spawn_preprocess_as_its_user(&s3, BUCKET);
     let object = darkroom_tests::put_object(
         &s3_client,
         BUCKET,
@@ -461,16 +442,8 @@ async fn the_functions_work_with_their_own_seeds() {
         photo_jpeg(),
     )
     .await;
-    darkroom_tests::announce_upload(&ingest, &object).await;
     let job = object.job_id().unwrap();
-
-    let provisioner = jetstream::new(nats.client_as(Role::Provisioner).await.unwrap());
-    let jobs = darkroom_tests::wait_for(
-        WAIT,
-        || darkroom_tests::stream_messages(&provisioner, subjects::JOBS_STREAM),
-        |jobs| !jobs.is_empty(),
-    )
-    .await;
+    let jobs = nats.announce_and_wait_for_a_job(&object, WAIT).await;
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].subject.as_str(), subjects::INFERENCE_JOBS_SUBJECT);
     shutdown.cancel();
@@ -519,6 +492,7 @@ async fn the_functions_work_with_their_own_seeds() {
     let status: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(status["status"], "queued");
     let preprocess_js = jetstream::new(nats.client_as(Role::Preprocess).await.unwrap());
+    let provisioner = jetstream::new(nats.client_as(Role::Provisioner).await.unwrap());
     let uploads_before = stream_len(&provisioner, subjects::UPLOADS_STREAM).await;
     Publisher::new(preprocess_js, "/darkroom/tests/preprocess")
         .dead_letter(&DeadLetter {

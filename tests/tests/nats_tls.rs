@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use darkroom_events::subjects;
 use darkroom_nats_auth::Role;
 use darkroom_nats_auth::tls::CertificateAuthority;
 use darkroom_preprocess::config::PreprocessConfig;
@@ -131,26 +130,8 @@ async fn the_functions_work_over_tls_with_the_ca() {
         .await
         .unwrap();
 
-    let runtime = nats.runtime_as(Role::Preprocess);
-    assert!(runtime.nats_tls_ca_file.is_some());
-    let config = PreprocessConfig {
-        runtime: RuntimeConfig {
-            s3_endpoint: Some(s3.endpoint()),
-            s3_access_key_id: Some(s3.access_key().to_owned()),
-            s3_secret_access_key: Some(s3.secret_key().to_owned()),
-            bucket: BUCKET.to_owned(),
-            jetstream_provision: false,
-            ..runtime
-        },
-        ..PreprocessConfig::default()
-    };
-    let shutdown = CancellationToken::new();
-    let preprocess = tokio::spawn(darkroom_preprocess::service::serve(
-        config,
-        shutdown.clone(),
-    ));
-
-    let ingest = jetstream::new(nats.client_as(Role::Ingest).await.unwrap());
+    assert!(nats.runtime_as(Role::Preprocess).nats_tls_ca_file.is_some());
+    let (shutdown, preprocess) = nats.spawn_preprocess_as_its_user(&s3, BUCKET);
     let object = darkroom_tests::put_object(
         &s3_client,
         BUCKET,
@@ -158,15 +139,8 @@ async fn the_functions_work_over_tls_with_the_ca() {
         photo_jpeg(),
     )
     .await;
-    darkroom_tests::announce_upload(&ingest, &object).await;
     let job = object.job_id().unwrap();
-    let provisioner = jetstream::new(nats.client_as(Role::Provisioner).await.unwrap());
-    let jobs = darkroom_tests::wait_for(
-        WAIT,
-        || darkroom_tests::stream_messages(&provisioner, subjects::JOBS_STREAM),
-        |jobs| !jobs.is_empty(),
-    )
-    .await;
+    let jobs = nats.announce_and_wait_for_a_job(&object, WAIT).await;
     assert_eq!(jobs.len(), 1);
     let version = tls_version_of(&nats, "darkroom-preprocess").await;
     assert!(
