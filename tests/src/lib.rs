@@ -704,6 +704,25 @@ impl NatsServer {
             .with_context(|| format!("cannot connect to {} as {}", self.url(), role.user()))
     }
 
+    /// The settings a Darkroom binary needs to reach this server as the client whose seed is
+    /// `seed_file` (checking, not provisioning, the topology) and `s3`'s `bucket`.
+    pub fn client_env(
+        &self,
+        s3: &S3Server,
+        bucket: &str,
+        seed_file: &Path,
+    ) -> Vec<(&'static str, OsString)> {
+        vec![
+            ("DARKROOM_NATS_URL", self.url().into()),
+            ("DARKROOM_NATS_NKEY_FILE", seed_file.into()),
+            ("DARKROOM_JETSTREAM_PROVISION", "false".into()),
+            ("DARKROOM_S3_ENDPOINT", s3.endpoint().into()),
+            ("DARKROOM_S3_ACCESS_KEY_ID", s3.access_key().into()),
+            ("DARKROOM_S3_SECRET_ACCESS_KEY", s3.secret_key().into()),
+            ("DARKROOM_BUCKET", bucket.into()),
+        ]
+    }
+
     /// Preprocess (its own `serve`, as its binary runs it) as the `preprocess` user, against
     /// `s3`'s `bucket`, checking the topology rather than provisioning it. Stop it with the
     /// token; the task ends with its result.
@@ -1459,6 +1478,25 @@ pub fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Co
     }
     command.stdin(Stdio::null()).kill_on_drop(true);
     command
+}
+
+/// Runs `command` to its end: (exit code, stdout, stderr).
+///
+/// # Panics
+/// When it does not exit within `timeout` or cannot be started.
+pub async fn output_of(
+    command: &mut tokio::process::Command,
+    timeout: Duration,
+) -> (i32, String, String) {
+    let output = tokio::time::timeout(timeout, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{command:?} did not exit within {timeout:?}"))
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// A raw NATS protocol connection to `127.0.0.1:port` (blocking, 10 s read timeout), for

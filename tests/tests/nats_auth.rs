@@ -384,27 +384,11 @@ async fn cli_with_seed_file(
     seed_file: &std::path::Path,
     args: &[&str],
 ) -> (i32, String, String) {
-    let output = darkroom_tests::clean_command(env!("CARGO_BIN_EXE_darkroom-cli"))
+    let mut command = darkroom_tests::clean_command(env!("CARGO_BIN_EXE_darkroom-cli"));
+    command
         .args(args)
-        .env("DARKROOM_NATS_URL", nats.url())
-        .env("DARKROOM_NATS_NKEY_FILE", seed_file)
-        .env("DARKROOM_JETSTREAM_PROVISION", "false")
-        .env("DARKROOM_S3_ENDPOINT", s3.endpoint())
-        .env("DARKROOM_S3_ACCESS_KEY_ID", s3.access_key())
-        .env("DARKROOM_S3_SECRET_ACCESS_KEY", s3.secret_key())
-        .env("DARKROOM_BUCKET", BUCKET)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(WAIT, output)
-        .await
-        .expect("the CLI did not exit in time")
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+        .envs(nats.client_env(s3, BUCKET, seed_file));
+    darkroom_tests::output_of(&mut command, WAIT).await
 }
 
 fn photo_jpeg() -> Vec<u8> {
