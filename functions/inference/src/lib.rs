@@ -22,6 +22,7 @@ mod layers;
 pub mod loader;
 pub mod lora;
 pub mod pipeline;
+pub mod pose;
 pub mod scheduler;
 #[cfg(feature = "cuda")]
 mod step_graph;

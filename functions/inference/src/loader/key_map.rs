@@ -120,7 +120,8 @@ impl KeyMap {
             Component::Unet
             | Component::Vae
             | Component::ControlNet
-            | Component::DepthEstimator => (None, &[]),
+            | Component::DepthEstimator
+            | Component::PoseEstimator => (None, &[]),
         };
         KeyMap {
             rename: Rename::Identity,

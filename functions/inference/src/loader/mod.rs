@@ -64,6 +64,9 @@ pub enum Component {
     /// `DepthAnythingForDepthEstimation` (transformers), the depth-map estimator: not part of
     /// [`Component::ALL`]; its own model folder (`config.json`, `model.safetensors`).
     DepthEstimator,
+    /// The OpenPose body model, the pose-map estimator: not part of [`Component::ALL`]; one
+    /// safetensors file (`body_pose_model.safetensors`).
+    PoseEstimator,
 }
 
 impl Component {
@@ -84,6 +87,7 @@ impl Component {
             Component::TextEncoder2 => "text_encoder_2",
             Component::ControlNet => "controlnet",
             Component::DepthEstimator => "depth_estimator",
+            Component::PoseEstimator => "pose_estimator",
         }
     }
 
@@ -94,7 +98,7 @@ impl Component {
             Component::TextEncoder2 => Some(1),
             Component::Unet => Some(2),
             Component::Vae => Some(3),
-            Component::ControlNet | Component::DepthEstimator => None,
+            Component::ControlNet | Component::DepthEstimator | Component::PoseEstimator => None,
         }
     }
 
@@ -104,6 +108,7 @@ impl Component {
         match self {
             Component::Unet | Component::Vae | Component::ControlNet => "diffusion_pytorch_model",
             Component::TextEncoder | Component::TextEncoder2 | Component::DepthEstimator => "model",
+            Component::PoseEstimator => "body_pose_model",
         }
     }
 }

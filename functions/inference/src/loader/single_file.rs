@@ -220,6 +220,11 @@ impl Rules {
                         .to_owned(),
                 );
             }
+            Component::PoseEstimator => {
+                return Err("the pose estimator is read from its own safetensors file \
+                            (body_pose_model.safetensors), not from a single-file checkpoint"
+                    .to_owned());
+            }
         }
         Ok(rules)
     }
