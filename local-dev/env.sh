@@ -101,7 +101,7 @@ fi
 # stable-diffusion-xl-base-1.0/, or a single file such as sd_xl_base_1.0.safetensors),
 # with DARKROOM_CONTROLNET_DIR and DARKROOM_LORA_DIR holding what the presets name.
 # Unset, local-dev/stack generates a tiny random-weight SDXL studio (model,
-# ControlNets, LoRA, depth model) in DARKROOM_STUDIO_DIR: every code path runs,
+# ControlNets, LoRA, depth and pose models) in DARKROOM_STUDIO_DIR: every code path runs,
 # and the pictures are noise.
 export DARKROOM_STUDIO_DIR="${DARKROOM_STUDIO_DIR:-$DARKROOM_DATA_DIR/tiny-studio}"
 if [ -z "${DARKROOM_MODEL:-}" ] || [ "${DARKROOM_TINY_STUDIO:-}" = 1 ]; then
@@ -110,6 +110,7 @@ if [ -z "${DARKROOM_MODEL:-}" ] || [ "${DARKROOM_TINY_STUDIO:-}" = 1 ]; then
   export DARKROOM_CONTROLNET_DIR="${DARKROOM_CONTROLNET_DIR:-$DARKROOM_STUDIO_DIR/controlnets}"
   export DARKROOM_LORA_DIR="${DARKROOM_LORA_DIR:-$DARKROOM_STUDIO_DIR/loras}"
   export DARKROOM_DEPTH_MODEL="${DARKROOM_DEPTH_MODEL:-$DARKROOM_STUDIO_DIR/depth}"
+  export DARKROOM_POSE_MODEL="${DARKROOM_POSE_MODEL:-$DARKROOM_STUDIO_DIR/pose}"
 fi
 # The models (and their pictures) are CPU-sized unless the worker was built with
 # `--features cuda`; `auto` picks the GPU when there is one.

@@ -41,6 +41,10 @@ pub struct WorkerInventory {
     /// not; older workers did not say).
     #[serde(default)]
     pub depth_model: Option<String>,
+    /// The pose estimator's file name, when the worker draws pose maps (`None`: it does not;
+    /// older workers did not say).
+    #[serde(default)]
+    pub pose_model: Option<String>,
     /// When it was written.
     pub updated_at: DateTime<Utc>,
 }
@@ -56,6 +60,8 @@ pub struct AssetNeeds<'a> {
     pub luts: Vec<&'a str>,
     /// A depth ControlNet, whose map the worker draws: it needs a depth estimator.
     pub depth_model: bool,
+    /// A pose ControlNet, whose map the worker draws: it needs a pose estimator.
+    pub pose_model: bool,
 }
 
 impl WorkerInventory {
@@ -75,6 +81,9 @@ impl WorkerInventory {
         }
         if needs.depth_model && self.depth_model.is_none() {
             missing.push("a depth model (DARKROOM_DEPTH_MODEL)".to_owned());
+        }
+        if needs.pose_model && self.pose_model.is_none() {
+            missing.push("a pose model (DARKROOM_POSE_MODEL)".to_owned());
         }
         missing
     }
@@ -193,6 +202,7 @@ mod tests {
             controlnets: controlnets.iter().map(|s| (*s).to_owned()).collect(),
             luts: Vec::new(),
             depth_model: None,
+            pose_model: None,
             updated_at: Utc::now(),
         }
     }
@@ -236,6 +246,30 @@ mod tests {
         let old = r#"{"worker":"c","model":"m","updated_at":"2026-11-23T00:00:00Z"}"#;
         let parsed: WorkerInventory = serde_json::from_str(old).unwrap();
         assert_eq!(parsed.depth_model, None);
+        assert_eq!(parsed.pose_model, None);
+    }
+
+    #[test]
+    fn a_pose_controlnet_needs_a_worker_with_a_pose_model() {
+        let needs = AssetNeeds {
+            controlnets: vec!["openpose"],
+            pose_model: true,
+            ..AssetNeeds::default()
+        };
+        let with_depth_only = WorkerInventory {
+            depth_model: Some("depth".to_owned()),
+            ..inventory("a", &[], &["openpose"])
+        };
+        let reason = unservable(std::slice::from_ref(&with_depth_only), &needs).unwrap();
+        assert!(
+            reason.contains("a lacks a pose model (DARKROOM_POSE_MODEL)"),
+            "{reason}"
+        );
+        let with = WorkerInventory {
+            pose_model: Some("body_pose_model.safetensors".to_owned()),
+            ..inventory("b", &[], &["openpose"])
+        };
+        assert_eq!(unservable(&[with_depth_only, with], &needs), None);
     }
 
     #[test]

@@ -75,8 +75,8 @@ resolution = { width = 512, height = 512 }
 "#,
     ),
     (
-        "tiny-depth",
-        r#"name = "tiny-depth"
+        "tiny-posed",
+        r#"name = "tiny-posed"
 prompt = "a diorama of {subject}"
 steps = 4
 guidance = 5.0
@@ -88,6 +88,11 @@ resolution = { width = 256, height = 256 }
 kind = "depth"
 model = "controlnet-depth-sdxl-1.0"
 scale = 0.7
+
+[[controlnets]]
+kind = "pose"
+model = "controlnet-openpose-sdxl-1.0"
+scale = 0.8
 "#,
     ),
     (
@@ -285,8 +290,9 @@ impl Stack {
         self.worker_with(name, true).await
     }
 
-    /// A worker, with the tiny studio's depth model (`DARKROOM_DEPTH_MODEL`) or without.
-    async fn worker_with(&self, name: &str, depth_model: bool) -> Worker {
+    /// A worker, with the tiny studio's depth and pose models (`DARKROOM_DEPTH_MODEL`,
+    /// `DARKROOM_POSE_MODEL`) or without.
+    async fn worker_with(&self, name: &str, estimators: bool) -> Worker {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let health_port = darkroom_tests::reserve_port().unwrap();
@@ -304,7 +310,8 @@ impl Stack {
             .env("DARKROOM_LORA_DIR", self.dir.path().join("loras"))
             .env("DARKROOM_DEVICE", "cpu")
             .env("DARKROOM_WORKER_NAME", name)
-            .envs(depth_model.then(|| ("DARKROOM_DEPTH_MODEL", self.studio.join("depth"))))
+            .envs(estimators.then(|| ("DARKROOM_DEPTH_MODEL", self.studio.join("depth"))))
+            .envs(estimators.then(|| ("DARKROOM_POSE_MODEL", self.studio.join("pose"))))
             .env("DARKROOM_PROGRESS_INTERVAL_MS", "100")
             .env("DARKROOM_HEALTH_ADDR", format!("127.0.0.1:{health_port}"))
             // A drained worker finishes its job however slow this shared machine is.
@@ -604,34 +611,36 @@ async fn a_preset_naming_a_file_no_running_worker_has_fails_at_upload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_depth_controlnet_gets_its_map_from_the_worker_and_needs_a_worker_with_a_depth_model() {
+async fn depth_and_pose_controlnets_get_their_maps_from_a_worker_with_the_estimators() {
     let stack = Stack::start().await;
-    // Only a worker without a depth model: preprocess refuses the depth preset at upload.
+    // Only a worker without estimators: preprocess refuses the preset at upload.
     let without = stack.worker_with("gpu-plain", false).await;
-    let object = stack.upload("tiny-depth", "room.jpg", 8).await;
+    let object = stack.upload("tiny-posed", "room.jpg", 8).await;
     let refused = object.job_id().unwrap();
     stack.announce(&object).await;
     let failed = stack.failed(refused).await;
     assert_eq!(failed.stage, darkroom_events::Stage::Preprocess);
     assert_eq!(failed.reason, FailureReason::ModelError);
     assert!(
-        failed.message.contains("gpu-plain lacks a depth model"),
+        failed.message.contains(
+            "gpu-plain lacks a depth model (DARKROOM_DEPTH_MODEL), a pose model (DARKROOM_POSE_MODEL)"
+        ),
         "{}",
         failed.message
     );
     drop(without);
 
-    // A worker with one draws the map from the prepared input and renders.
-    let _worker = stack.worker("gpu-depth").await;
-    let object = stack.upload("tiny-depth", "hall.jpg", 9).await;
+    // A worker with both draws the maps from the prepared input and renders.
+    let _worker = stack.worker("gpu-maps").await;
+    let object = stack.upload("tiny-posed", "hall.jpg", 9).await;
     let job = object.job_id().unwrap();
     darkroom_tests::wait_for(
         WAIT,
         || stack.live_workers(),
         |workers| {
-            workers
-                .iter()
-                .any(|w| w.worker == "gpu-depth" && w.depth_model.is_some())
+            workers.iter().any(|w| {
+                w.worker == "gpu-maps" && w.depth_model.is_some() && w.pose_model.is_some()
+            })
         },
     )
     .await;
@@ -639,9 +648,26 @@ async fn a_depth_controlnet_gets_its_map_from_the_worker_and_needs_a_worker_with
     tokio::time::sleep(Duration::from_secs(6)).await;
     stack.announce(&object).await;
     let completed = stack.completed(job).await;
-    assert_eq!(completed.controlnets.len(), 1);
-    assert_eq!(completed.controlnets[0].name, "controlnet-depth-sdxl-1.0");
-    // Preprocess drew no depth map: the job carried none.
+    let names: Vec<&str> = completed
+        .controlnets
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        ["controlnet-depth-sdxl-1.0", "controlnet-openpose-sdxl-1.0"]
+    );
+    // Preprocess drew neither map: the worker drew both from the prepared input.
+    assert!(
+        stack
+            .object(&format!("work/{job}/input.png"))
+            .await
+            .is_some()
+    );
+    for kind in ["depth", "pose"] {
+        let key = format!("work/{job}/control-{kind}.png");
+        assert!(stack.object(&key).await.is_none(), "{key}");
+    }
     let queued = darkroom_tests::stream_messages(&stack.js, subjects::JOBS_STREAM).await;
     assert!(queued.is_empty(), "the work queue is empty once done");
 }

@@ -7,9 +7,13 @@ Output:
   model/                                      the SDXL pipeline (diffusers folder layout)
   controlnets/controlnet-canny-sdxl-1.0/      ControlNet (diffusers model folder), from the UNet
   controlnets/controlnet-depth-sdxl-1.0/      another, for presets with a depth ControlNet
+  controlnets/controlnet-openpose-sdxl-1.0/   another, for presets with a pose ControlNet
   depth/                                      a tiny Depth Anything (transformers folder; its
                                               processor works at 112 px) the worker draws depth
                                               maps with (DARKROOM_DEPTH_MODEL)
+  pose/body_pose_model.safetensors            the OpenPose body model of pose.py (full size: the
+                                              architecture is fixed; f16, 105 MB) the worker draws
+                                              pose maps with (DARKROOM_POSE_MODEL)
   loras/storybook-style.safetensors           a rank-4 PEFT LoRA on every attention projection
 """
 
@@ -17,6 +21,7 @@ import common
 import depth as depth_reference
 import lora as lora_reference
 import pipeline as reference
+import pose as pose_reference
 
 import torch
 
@@ -28,7 +33,7 @@ def main():
 
     from diffusers import ControlNetModel
 
-    for name in ("controlnet-canny-sdxl-1.0", "controlnet-depth-sdxl-1.0"):
+    for name in ("controlnet-canny-sdxl-1.0", "controlnet-depth-sdxl-1.0", "controlnet-openpose-sdxl-1.0"):
         net = ControlNetModel.from_unet(pipe.unet).eval()
         reference.randomize(net, 0.05)
         net.save_pretrained(args.out / "controlnets" / name, safe_serialization=True)
@@ -41,6 +46,12 @@ def main():
         "image_mean": [0.485, 0.456, 0.406],
         "image_std": [0.229, 0.224, 0.225],
     })
+
+    from safetensors.torch import save_file
+
+    _, pose_state = pose_reference.build()
+    (args.out / "pose").mkdir(exist_ok=True)
+    save_file({k: v.half() for k, v in pose_state.items()}, str(args.out / "pose" / "body_pose_model.safetensors"))
 
     attention = {name: lora_reference.RANK for name, m in pipe.unet.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".attn" in name}

@@ -6,7 +6,9 @@
 //! [`tokenizer`], the CLIP text encoders in [`clip`], [`text_encoder`] (a prompt to SDXL's
 //! conditioning), the denoising [`unet`], the [`vae`] between pixels and latents, and the
 //! diffusion [`scheduler`]s, [`lora`] adapters fused into the weights, and the [`controlnet`]s
-//! that steer the UNet with a control image. [`pipeline`] puts them together (txt2img, img2img,
+//! that steer the UNet with a control image, with the estimators that draw control images from a
+//! photo: [`depth`] (Depth Anything) and [`pose`] (the OpenPose body model). [`pipeline`] puts them
+//! together (txt2img, img2img,
 //! ControlNets, LoRA sets). With the `cuda` feature, `cuda` binds what `tch` lacks (CUDA graphs,
 //! allocator statistics), and the pipeline replays each denoising step as a recorded CUDA graph.
 

@@ -190,6 +190,7 @@ impl PreprocessHandler {
                 .filter_map(|t| t.lut.as_deref())
                 .collect(),
             depth_model: preset.control_kinds().contains(&ControlKind::Depth),
+            pose_model: preset.control_kinds().contains(&ControlKind::Pose),
         };
         if needs == AssetNeeds::default() {
             return Ok(());
@@ -279,7 +280,7 @@ impl PreprocessHandler {
             .get(preset_name)
             .map_err(|e| job_error(e.into()))?
             .clone();
-        let options = job::prepare_options(&preset, &self.config).map_err(job_error)?;
+        let options = job::prepare_options(&preset, &self.config);
         self.check_workers(&preset).await?;
         let subject = job::subject(
             info.metadata(job::SUBJECT_METADATA),

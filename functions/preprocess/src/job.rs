@@ -45,16 +45,6 @@ pub enum JobError {
     /// The preset is unknown, or the operator's preset files are broken.
     #[error(transparent)]
     Preset(#[from] PresetError),
-    /// The preset wants a control map nothing draws (pose).
-    #[error(
-        "preset {preset} needs a {kind} control map, which nothing draws (preprocess draws canny maps, the worker depth maps)"
-    )]
-    UnsupportedControl {
-        /// The preset.
-        preset: String,
-        /// The control kind.
-        kind: &'static str,
-    },
     /// The upload was refused by the pipeline.
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
@@ -66,9 +56,6 @@ impl JobError {
         match self {
             JobError::NoPreset => FailureReason::UnknownPreset,
             JobError::Preset(error) => error.reason(),
-            // An operator's preset asking for what this version cannot do: not the upload's
-            // fault, and no retry helps.
-            JobError::UnsupportedControl { .. } => FailureReason::Internal,
             JobError::Preprocess(error) => error.reason(),
         }
     }
@@ -108,25 +95,13 @@ pub fn subject(metadata_subject: Option<&str>, default_subject: &str) -> String 
 }
 
 /// The pipeline options a preset asks for, under the configured limits.
-///
-/// # Errors
-/// [`JobError::UnsupportedControl`] for a depth or pose ControlNet.
-pub fn prepare_options(
-    preset: &Preset,
-    config: &PreprocessConfig,
-) -> Result<PrepareOptions, JobError> {
+pub fn prepare_options(preset: &Preset, config: &PreprocessConfig) -> PrepareOptions {
     let mut canny = None;
     for kind in preset.control_kinds() {
         match kind {
             ControlKind::Canny => canny = Some(config.canny()),
-            // The worker draws depth maps from the prepared input (its depth estimator).
-            ControlKind::Depth => {}
-            ControlKind::Pose => {
-                return Err(JobError::UnsupportedControl {
-                    preset: preset.name.clone(),
-                    kind: kind.as_str(),
-                });
-            }
+            // The worker draws depth and pose maps from the prepared input (its estimators).
+            ControlKind::Depth | ControlKind::Pose => {}
         }
     }
     let size = match preset.resolution {
@@ -141,13 +116,13 @@ pub fn prepare_options(
         bucket: size.unwrap_or(PORTRAIT_BUCKET),
         ..FaceOptions::default()
     });
-    Ok(PrepareOptions {
+    PrepareOptions {
         limits: config.limits(),
         canny,
         size,
         face,
         ..PrepareOptions::default()
-    })
+    }
 }
 
 /// Key of the prepared image: `work/<job>/input.png`.
@@ -257,8 +232,7 @@ pub fn job_output(
         let map = match kind {
             ControlKind::Canny => prepared.canny.as_ref(),
             // Drawn by the worker from `input.png`: no map in the job.
-            ControlKind::Depth => continue,
-            ControlKind::Pose => None,
+            ControlKind::Depth | ControlKind::Pose => continue,
         }
         .ok_or_else(|| {
             JobError::Preprocess(PreprocessError::Internal {
@@ -351,33 +325,31 @@ mod tests {
             preprocess_max_bytes: 1234,
             ..PreprocessConfig::default()
         };
-        let desk = prepare_options(library.get("desk-setup").unwrap(), &config).unwrap();
+        let desk = prepare_options(library.get("desk-setup").unwrap(), &config);
         assert_eq!(desk.canny.map(|c| c.low), Some(80.0));
         assert_eq!(desk.limits.max_bytes, 1234);
         assert_eq!(desk.size, None);
-        let storybook = prepare_options(library.get("storybook").unwrap(), &config).unwrap();
+        let storybook = prepare_options(library.get("storybook").unwrap(), &config);
         assert_eq!(storybook.canny.map(|c| c.low), Some(80.0));
         let depth = Preset::from_toml(
             "deep",
             "name = \"deep\"\nprompt = \"x\"\n[[controlnets]]\nkind = \"depth\"\nmodel = \"d\"\n",
         )
         .unwrap();
-        assert!(prepare_options(&depth, &config).unwrap().canny.is_none());
+        assert!(prepare_options(&depth, &config).canny.is_none());
         let pose = Preset::from_toml(
             "posed",
             "name = \"posed\"\nprompt = \"x\"\n[[controlnets]]\nkind = \"pose\"\nmodel = \"p\"\n",
         )
         .unwrap();
-        let error = prepare_options(&pose, &config).unwrap_err();
-        assert_eq!(error.reason(), FailureReason::Internal);
-        assert!(error.to_string().contains("pose"), "{error}");
+        assert!(prepare_options(&pose, &config).canny.is_none());
 
         let fixed = Preset::from_toml(
             "fixed",
             "name = \"fixed\"\nprompt = \"x\"\nresolution = { width = 1024, height = 768 }\n",
         )
         .unwrap();
-        let options = prepare_options(&fixed, &config).unwrap();
+        let options = prepare_options(&fixed, &config);
         assert_eq!(
             options.size,
             Some(Bucket {
@@ -416,12 +388,12 @@ mod tests {
     fn portrait_presets_frame_the_face_and_others_do_not() {
         let library = PresetLibrary::builtin().unwrap();
         let config = PreprocessConfig::default();
-        let warm = prepare_options(library.get("profile-warm").unwrap(), &config).unwrap();
+        let warm = prepare_options(library.get("profile-warm").unwrap(), &config);
         let face = warm.face.expect("profile-warm has a [face] table");
         assert!(face.required);
         assert_eq!(face.head_ratio, 0.4);
         assert_eq!(face.bucket, PORTRAIT_BUCKET);
-        let desk = prepare_options(library.get("desk-setup").unwrap(), &config).unwrap();
+        let desk = prepare_options(library.get("desk-setup").unwrap(), &config);
         assert!(desk.face.is_none());
     }
 
@@ -434,7 +406,7 @@ mod tests {
         });
         let mut png = std::io::Cursor::new(Vec::new());
         image.write_to(&mut png, image::ImageFormat::Png).unwrap();
-        let mut options = prepare_options(preset, &PreprocessConfig::default()).unwrap();
+        let mut options = prepare_options(preset, &PreprocessConfig::default());
         // The synthetic picture has no face: framing is tested on photos in tests/face.rs.
         options.face = None;
         let prepared = crate::prepare(png.get_ref(), &options).unwrap();

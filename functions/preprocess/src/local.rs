@@ -81,7 +81,7 @@ pub fn run(
 ) -> Result<InferenceJob, LocalError> {
     let presets = config.presets().map_err(JobError::from)?;
     let preset = presets.get(preset_name).map_err(JobError::from)?;
-    let options = job::prepare_options(preset, config)?;
+    let options = job::prepare_options(preset, config);
 
     let max_bytes = config.preprocess_max_bytes;
     let mut file = std::fs::File::open(input).map_err(io(input))?;

@@ -37,6 +37,10 @@ pub struct WorkerConfig {
     /// for the depth maps of depth ControlNets, drawn here from the prepared input. Unset
     /// (default): jobs with a depth ControlNet fail with `model_error`.
     pub depth_model: Option<PathBuf>,
+    /// A pose estimator (the OpenPose body model as safetensors: a file, or a folder holding
+    /// `body_pose_model.safetensors`) for the pose maps of pose ControlNets, drawn here from
+    /// the prepared input. Unset (default): jobs with a pose ControlNet fail with `model_error`.
+    pub pose_model: Option<PathBuf>,
     /// LoRA factors kept loaded between jobs, in MiB (default 2048).
     pub lora_cache_mib: usize,
     /// ControlNets kept loaded between jobs (default 2; each SDXL ControlNet is ~2.5 GB in f16).
@@ -65,6 +69,7 @@ impl Default for WorkerConfig {
             controlnet_dir: PathBuf::from("models/controlnets"),
             lut_dir: PathBuf::from("models/luts"),
             depth_model: None,
+            pose_model: None,
             lora_cache_mib: 2048,
             controlnet_cache: 2,
             worker_name: None,

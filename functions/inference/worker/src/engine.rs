@@ -26,6 +26,7 @@ use darkroom_inference::lora::{LoraCache, LoraSpec, LoraTarget};
 use darkroom_inference::pipeline::{
     ControlInput, ControlNetId, GenerateRequest, InitImage, LoadOptions, SdxlPipeline,
 };
+use darkroom_inference::pose::PoseEstimator;
 use darkroom_tone::{CubeLimits, CubeLut, ToneGrade, ToneSettings};
 use image::RgbImage;
 use tokio::sync::{oneshot, watch};
@@ -60,6 +61,10 @@ pub struct Rendered {
     pub timings: StageTimings,
 }
 
+/// The control kinds whose maps the engine draws from the prepared input when a job brings
+/// none (with its depth and pose estimators).
+pub const DRAWN_CONTROL_KINDS: [&str; 2] = ["depth", "pose"];
+
 /// Steps done and steps in all, as the engine reports them.
 pub type Progress = Option<(u32, u32)>;
 
@@ -76,6 +81,8 @@ pub struct LoadedModel {
     pub load_seconds: u64,
     /// The depth estimator's folder name, when one is loaded.
     pub depth_model: Option<String>,
+    /// The pose estimator's file name, when one is loaded.
+    pub pose_model: Option<String>,
 }
 
 struct Job {
@@ -155,11 +162,9 @@ impl Engine {
         let controlnet_cache = config.controlnet_cache.max(1);
         let cuda_graphs = config.cuda_graphs;
         let depth_path = config.depth_model.clone();
-        let depth_model = depth_path.as_ref().map(|path| {
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| path.display().to_string())
-        });
+        let depth_model = depth_path.as_deref().map(file_label);
+        let pose_path = config.pose_model.clone();
+        let pose_model = pose_path.as_deref().map(file_label);
         let path = model_path.clone();
         std::thread::Builder::new()
             .name("engine".to_owned())
@@ -176,9 +181,13 @@ impl Engine {
                         .as_deref()
                         .map(|dir| DepthEstimator::load(dir, device, dtype))
                         .transpose()?;
-                    Ok((pipeline, target, depth))
+                    let pose = pose_path
+                        .as_deref()
+                        .map(|path| PoseEstimator::load(path, device, dtype))
+                        .transpose()?;
+                    Ok((pipeline, target, depth, pose))
                 });
-                let (pipeline, lora_target, depth) = match loaded {
+                let (pipeline, lora_target, depth, pose) = match loaded {
                     Ok(loaded) => loaded,
                     Err(error) => {
                         let _ = loaded_tx.send(Err(error));
@@ -197,6 +206,7 @@ impl Engine {
                     controlnets: HashMap::new(),
                     controlnet_cache,
                     depth,
+                    pose,
                     digests: DigestCache::default(),
                     assets,
                     dtype,
@@ -239,6 +249,7 @@ impl Engine {
                 dtype: format!("{kind:?}").to_lowercase(),
                 load_seconds: elapsed.as_secs(),
                 depth_model,
+                pose_model,
             },
             digest: digest_rx,
         })
@@ -321,6 +332,13 @@ fn device_and_dtype(device: &str, dtype: &str) -> Result<(DeviceSpec, DType), En
     Ok((device, dtype))
 }
 
+/// A model path as the inventory names it: its file or folder name.
+fn file_label(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
 /// A ControlNet kept loaded.
 struct CachedControlNet {
     id: ControlNetId,
@@ -336,6 +354,7 @@ struct EngineState {
     controlnets: HashMap<String, CachedControlNet>,
     controlnet_cache: usize,
     depth: Option<DepthEstimator>,
+    pose: Option<PoseEstimator>,
     digests: DigestCache,
     assets: AssetDirs,
     dtype: DType,
@@ -358,8 +377,10 @@ impl EngineState {
         let mut timings = StageTimings::default();
 
         let started = Instant::now();
-        if render.controlnets.iter().any(|c| c.kind == "depth") && !controls.contains_key("depth") {
-            controls.insert("depth".to_owned(), self.depth_map(&init)?);
+        for kind in DRAWN_CONTROL_KINDS {
+            if render.controlnets.iter().any(|c| c.kind == kind) && !controls.contains_key(kind) {
+                controls.insert(kind.to_owned(), self.control_map(kind, &init)?);
+            }
         }
         let loras = self.switch_loras(&job)?;
         let mut control_inputs = Vec::with_capacity(render.controlnets.len());
@@ -461,11 +482,19 @@ impl EngineState {
         })
     }
 
-    /// The depth map of the prepared input, as the RGB control image depth ControlNets take.
-    fn depth_map(&self, init: &RgbImage) -> Result<RgbImage, RenderError> {
-        let estimator = self.depth.as_ref().ok_or(RenderError::NoDepthModel)?;
-        let map = estimator.depth_map(init).map_err(RenderError::Engine)?;
-        Ok(image::DynamicImage::ImageLuma8(map).to_rgb8())
+    /// The `depth` or `pose` map of the prepared input, as the RGB control image those
+    /// ControlNets take, drawn with this worker's estimator.
+    fn control_map(&self, kind: &'static str, init: &RgbImage) -> Result<RgbImage, RenderError> {
+        let missing = |setting| RenderError::NoEstimator { kind, setting };
+        let map = if kind == "depth" {
+            let estimator = self.depth.as_ref().ok_or(missing("DARKROOM_DEPTH_MODEL"))?;
+            let map = estimator.depth_map(init).map_err(RenderError::Engine)?;
+            image::DynamicImage::ImageLuma8(map).to_rgb8()
+        } else {
+            let estimator = self.pose.as_ref().ok_or(missing("DARKROOM_POSE_MODEL"))?;
+            estimator.pose_map(init).map_err(RenderError::Engine)?
+        };
+        Ok(map)
     }
 
     /// Fuses the job's LoRAs (from the cache; restoring the base model when it names none).

@@ -60,11 +60,16 @@ pub enum RenderError {
     /// The model's weights could not be hashed.
     #[error("cannot hash the model's weights: {0}")]
     Digest(String),
-    /// A depth ControlNet's map is drawn here, and this worker has no depth estimator.
+    /// A depth or pose ControlNet's map is drawn here, and this worker has no estimator for it.
     #[error(
-        "the job's depth ControlNet needs a depth map and this worker has no depth model (DARKROOM_DEPTH_MODEL)"
+        "the job's {kind} ControlNet needs a {kind} map and this worker has no {kind} model ({setting})"
     )]
-    NoDepthModel,
+    NoEstimator {
+        /// The control kind (`depth`, `pose`).
+        kind: &'static str,
+        /// The worker setting that provides the estimator.
+        setting: &'static str,
+    },
     /// The engine panicked on this job.
     #[error("the engine failed unexpectedly: {0}")]
     Panicked(String),
@@ -96,7 +101,7 @@ impl RenderError {
             RenderError::Engine(error) => engine_reason(error),
             RenderError::Tone(error) if error.is_retryable() => FailureReason::Internal,
             RenderError::Tone(_) => FailureReason::ModelError,
-            RenderError::Io { .. } | RenderError::Digest(_) | RenderError::NoDepthModel => {
+            RenderError::Io { .. } | RenderError::Digest(_) | RenderError::NoEstimator { .. } => {
                 FailureReason::ModelError
             }
             RenderError::Panicked(_)
@@ -118,7 +123,7 @@ impl RenderError {
             | RenderError::Store { .. }
             | RenderError::Runtime(_) => true,
             RenderError::InvalidJob(_)
-            | RenderError::NoDepthModel
+            | RenderError::NoEstimator { .. }
             | RenderError::Asset(_)
             | RenderError::Decode { .. }
             | RenderError::Cancelled { .. }

@@ -46,7 +46,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::WorkerConfig;
-use crate::engine::{Engine, Progress, RenderTask, Rendered};
+use crate::engine::{DRAWN_CONTROL_KINDS, Engine, Progress, RenderTask, Rendered};
 use crate::error::RenderError;
 
 /// The CloudEvents `source` of everything the worker publishes.
@@ -294,8 +294,9 @@ impl InferenceHandler {
                 .control_images
                 .iter()
                 .find(|image| image.kind == params.kind);
-            // Depth maps are drawn by the engine from the input when the job brings none.
-            if image.is_none() && params.kind == "depth" {
+            // Depth and pose maps are drawn by the engine from the input when the job brings
+            // none.
+            if image.is_none() && DRAWN_CONTROL_KINDS.contains(&params.kind.as_str()) {
                 continue;
             }
             let image = image.ok_or_else(|| {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::assets::AssetDirs;
 use crate::config::WorkerConfig;
 use crate::engine::Engine;
+use crate::engine::LoadedModel;
 use crate::handler::{InferenceHandler, SOURCE};
 
 /// Connects, loads the model and consumes the jobs stream (durable consumer `inference`, one
@@ -57,8 +58,7 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     let inventory = tokio::spawn(keep_inventory(
         registry.clone(),
         config.worker_name(),
-        model.name.clone(),
-        model.depth_model.clone(),
+        model.clone(),
         AssetDirs::from_config(&config),
         shutdown.clone(),
     ));
@@ -92,8 +92,7 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
 async fn keep_inventory(
     registry: WorkerRegistry,
     worker: String,
-    model: String,
-    depth_model: Option<String>,
+    model: LoadedModel,
     assets: AssetDirs,
     shutdown: CancellationToken,
 ) {
@@ -111,11 +110,12 @@ async fn keep_inventory(
         };
         let inventory = WorkerInventory {
             worker: worker.clone(),
-            model: model.clone(),
+            model: model.name.clone(),
             loras,
             controlnets,
             luts,
-            depth_model: depth_model.clone(),
+            depth_model: model.depth_model.clone(),
+            pose_model: model.pose_model.clone(),
             updated_at: chrono::Utc::now(),
         };
         if let Err(error) = registry.put(&inventory).await {
