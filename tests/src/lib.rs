@@ -1606,6 +1606,40 @@ pub async fn subject_counts(
     counts
 }
 
+/// Subscribes `client` to `subject` and returns once the server has registered the
+/// subscription, so a message published on another connection right after is heard.
+/// (`Client::flush` only empties the socket buffer: it does not wait for the server, which
+/// under load can handle another connection's publish before this subscription.) The proof is
+/// a round trip on the same connection — the server handles one connection's commands in
+/// order.
+///
+/// # Panics
+/// When the subscription or the round trip fails (within 30 s).
+pub async fn subscribe_registered(
+    client: &async_nats::Client,
+    subject: String,
+) -> async_nats::Subscriber {
+    use futures::StreamExt as _;
+
+    let subscriber = client
+        .subscribe(subject.clone())
+        .await
+        .unwrap_or_else(|e| panic!("subscribe {subject}: {e}"));
+    let echo = client.new_inbox();
+    let mut echoes = client
+        .subscribe(echo.clone())
+        .await
+        .unwrap_or_else(|e| panic!("subscribe {echo}: {e}"));
+    client
+        .publish(echo.clone(), "".into())
+        .await
+        .unwrap_or_else(|e| panic!("publish {echo}: {e}"));
+    tokio::time::timeout(Duration::from_secs(30), echoes.next())
+        .await
+        .unwrap_or_else(|_| panic!("no echo on {echo} within 30 s"));
+    subscriber
+}
+
 /// Every message in `stream`, oldest first, without consuming any.
 ///
 /// # Panics

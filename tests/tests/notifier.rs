@@ -209,9 +209,7 @@ impl Stack {
     }
 
     async fn subscribe(&self, subject: String) -> Subscriber {
-        let subscriber = self.client.subscribe(subject).await.unwrap();
-        self.client.flush().await.unwrap();
-        subscriber
+        darkroom_tests::subscribe_registered(&self.client, subject).await
     }
 }
 
