@@ -22,7 +22,8 @@ pub async fn run(clients: &mut Clients, prefix: &str, json: bool) -> Result<()> 
         .subscribe(filter.clone())
         .await
         .map_err(|e| clients.nats_error(format!("subscribe to {filter}"), e))?;
-    // Once the server has the subscription, nothing published from now on is missed.
+    // The subscription leaves before the banner; events published once the server has it are
+    // all heard (a flush does not wait for the server's acknowledgement).
     nats.flush()
         .await
         .map_err(|e| clients.nats_error(format!("subscribe to {filter}"), e))?;
