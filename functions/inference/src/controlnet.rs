@@ -606,25 +606,13 @@ impl ControlNetModel {
     ) -> Result<ControlNetOutput> {
         let _no_grad = tch::no_grad_guard();
         let c = &self.config;
-        let size = sample.size();
-        let [batch, channels, _, _] = size[..] else {
-            return Err(invalid_input(format!(
-                "sample must be [b, c, h, w], got {size:?}"
-            )));
-        };
-        if channels != c.in_channels {
-            return Err(invalid_input(format!(
-                "sample has {channels} channels, the model takes {}",
-                c.in_channels
-            )));
-        }
-        let context = encoder_hidden_states.size();
-        if context.len() != 3 || context[0] != batch || context[2] != c.cross_attention_dim {
-            return Err(invalid_input(format!(
-                "encoder_hidden_states must be [{batch}, tokens, {}], got {context:?}",
-                c.cross_attention_dim
-            )));
-        }
+        let [batch, ..] = crate::unet::check_inputs(
+            COMPONENT,
+            sample,
+            c.in_channels,
+            encoder_hidden_states,
+            c.cross_attention_dim,
+        )?;
         let cond_size = controlnet_cond.size();
         if cond_size.len() != 4
             || cond_size[0] != batch

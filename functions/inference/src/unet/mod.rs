@@ -759,28 +759,13 @@ impl UNet2DConditionModel {
     ) -> Result<Tensor> {
         // Inference only: no autograd graph, whatever the var store's requires_grad flags.
         let _no_grad = tch::no_grad_guard();
-        let size = sample.size();
-        let [batch, channels, height, width] = size[..] else {
-            return Err(invalid_input(format!(
-                "sample must be [b, c, h, w], got {size:?}"
-            )));
-        };
-        if channels != self.config.in_channels {
-            return Err(invalid_input(format!(
-                "sample has {channels} channels, the model takes {}",
-                self.config.in_channels
-            )));
-        }
-        let context_size = encoder_hidden_states.size();
-        if context_size.len() != 3
-            || context_size[0] != batch
-            || context_size[2] != self.context_dim
-        {
-            return Err(invalid_input(format!(
-                "encoder_hidden_states must be [{batch}, tokens, {}], got {context_size:?}",
-                self.context_dim
-            )));
-        }
+        let [batch, _, height, width] = check_inputs(
+            COMPONENT,
+            sample,
+            self.config.in_channels,
+            encoder_hidden_states,
+            self.context_dim,
+        )?;
 
         let overall_up_factor = 1i64 << self.num_upsamplers;
         let forward_upsample_size =
@@ -1008,6 +993,40 @@ fn invalid_config(message: String) -> EngineError {
 
 fn invalid_input(message: String) -> EngineError {
     invalid_input_of(COMPONENT, message)
+}
+
+/// Checks a denoiser's inputs (the UNet's, a ControlNet's): `sample` `[b, in_channels, h, w]`
+/// and `encoder_hidden_states` `[b, tokens, context_dim]`; returns the sample's shape.
+pub(crate) fn check_inputs(
+    component: &'static str,
+    sample: &Tensor,
+    in_channels: i64,
+    encoder_hidden_states: &Tensor,
+    context_dim: i64,
+) -> Result<[i64; 4]> {
+    let size = sample.size();
+    let [batch, channels, height, width] = size[..] else {
+        return Err(invalid_input_of(
+            component,
+            format!("sample must be [b, c, h, w], got {size:?}"),
+        ));
+    };
+    if channels != in_channels {
+        return Err(invalid_input_of(
+            component,
+            format!("sample has {channels} channels, the model takes {in_channels}"),
+        ));
+    }
+    let context_size = encoder_hidden_states.size();
+    if context_size.len() != 3 || context_size[0] != batch || context_size[2] != context_dim {
+        return Err(invalid_input_of(
+            component,
+            format!(
+                "encoder_hidden_states must be [{batch}, tokens, {context_dim}], got {context_size:?}"
+            ),
+        ));
+    }
+    Ok([batch, channels, height, width])
 }
 
 fn invalid_input_of(component: &'static str, message: String) -> EngineError {
