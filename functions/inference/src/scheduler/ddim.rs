@@ -9,7 +9,7 @@
 use tch::Tensor;
 
 use super::{
-    PredictionType, SchedulerConfig, StepCursor, TimestepSpacing, alphas_cumprod,
+    PredictionType, SchedulerConfig, Steps, TimestepSpacing, alphas_cumprod,
     np_arange_down_to_zero, np_linspace, scalar, sqrt,
 };
 use crate::Result;
@@ -20,11 +20,9 @@ pub struct DdimScheduler {
     prediction_type: PredictionType,
     clip_sample: Option<f64>,
     num_train_timesteps: usize,
-    num_inference_steps: usize,
     alphas_cumprod: Vec<f32>,
     final_alpha_cumprod: f32,
-    timesteps: Vec<f64>,
-    cursor: StepCursor,
+    steps: Steps,
 }
 
 impl DdimScheduler {
@@ -72,22 +70,10 @@ impl DdimScheduler {
             prediction_type: config.prediction_type,
             clip_sample: config.clip_sample.then_some(config.clip_sample_range),
             num_train_timesteps: train,
-            num_inference_steps,
             alphas_cumprod,
             final_alpha_cumprod,
-            cursor: StepCursor::new(timesteps.len()),
-            timesteps,
+            steps: Steps::new(timesteps, num_inference_steps),
         })
-    }
-
-    /// The timesteps fed to the UNet (integers).
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    /// The number of inference steps asked for.
-    pub fn num_inference_steps(&self) -> usize {
-        self.num_inference_steps
     }
 
     /// Always 1.
@@ -95,23 +81,24 @@ impl DdimScheduler {
         1.0
     }
 
-    pub(crate) fn cursor(&self) -> &StepCursor {
-        &self.cursor
+    /// The timesteps and where the run is.
+    pub fn steps(&self) -> &Steps {
+        &self.steps
     }
 
-    pub(crate) fn cursor_mut(&mut self) -> &mut StepCursor {
-        &mut self.cursor
+    pub(crate) fn steps_mut(&mut self) -> &mut Steps {
+        &mut self.steps
     }
 
     /// The identity (DDIM needs no input scaling).
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.cursor.check_index(step_index)?;
+        self.steps.check_index(step_index)?;
         Ok(sample.shallow_clone())
     }
 
     /// The training timestep of step `step_index`.
     fn timestep(&self, step_index: usize) -> usize {
-        self.timesteps[step_index] as usize
+        self.steps.timesteps()[step_index] as usize
     }
 
     /// One deterministic DDIM step (eta = 0), in the sample's dtype as diffusers computes it.
@@ -121,10 +108,10 @@ impl DdimScheduler {
         step_index: usize,
         sample: &Tensor,
     ) -> Result<Tensor> {
-        self.cursor.advance(step_index)?;
+        self.steps.advance(step_index)?;
         let timestep = self.timestep(step_index);
         let prev_timestep =
-            timestep as i64 - (self.num_train_timesteps / self.num_inference_steps) as i64;
+            timestep as i64 - (self.num_train_timesteps / self.steps.num_inference_steps()) as i64;
         let alpha_prod_t = scalar(self.alphas_cumprod[timestep]);
         let alpha_prod_t_prev = scalar(
             usize::try_from(prev_timestep)
@@ -160,7 +147,7 @@ impl DdimScheduler {
         noise: &Tensor,
         step_index: usize,
     ) -> Result<Tensor> {
-        self.cursor.check_index(step_index)?;
+        self.steps.check_index(step_index)?;
         let alpha = super::scalar_like(self.alphas_cumprod[self.timestep(step_index)], original)?;
         Ok(sqrt(&alpha) * original + sqrt(&(-&alpha + 1.0)) * noise)
     }

@@ -11,7 +11,7 @@
 use tch::Tensor;
 
 use super::{
-    FinalSigmasType, PredictionType, SchedulerConfig, SolverType, StepCursor, alpha_sigma_t,
+    FinalSigmasType, PredictionType, SchedulerConfig, SolverType, Steps, alpha_sigma_t,
     alphas_cumprod, final_sigma, karras_sigmas, log_sigmas, scalar, sigma_to_t, training_sigmas,
 };
 use crate::Result;
@@ -24,14 +24,12 @@ pub struct DpmSolverMultistepScheduler {
     lower_order_final: bool,
     euler_at_final: bool,
     final_sigma_is_zero: bool,
-    num_inference_steps: usize,
-    timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     /// The data predictions of the previous and the current step (`model_outputs`).
     model_outputs: [Option<Tensor>; 2],
     /// How many steps have run, capped at the solver order (`lower_order_nums`).
     lower_order_nums: usize,
-    cursor: StepCursor,
+    steps: Steps,
 }
 
 impl DpmSolverMultistepScheduler {
@@ -62,18 +60,11 @@ impl DpmSolverMultistepScheduler {
             lower_order_final: config.lower_order_final,
             euler_at_final: config.euler_at_final,
             final_sigma_is_zero: config.final_sigmas_type == FinalSigmasType::Zero,
-            num_inference_steps,
-            cursor: StepCursor::new(timesteps.len()),
-            timesteps,
+            steps: Steps::new(timesteps, num_inference_steps),
             sigmas: sigmas.into_iter().map(|s| s as f32).collect(),
             model_outputs: [None, None],
             lower_order_nums: 0,
         })
-    }
-
-    /// The timesteps fed to the UNet (integers).
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
     }
 
     /// The Karras sigmas plus the final one.
@@ -81,27 +72,23 @@ impl DpmSolverMultistepScheduler {
         &self.sigmas
     }
 
-    /// The number of inference steps asked for.
-    pub fn num_inference_steps(&self) -> usize {
-        self.num_inference_steps
-    }
-
     /// Always 1: DPM-Solver works in the VP parametrisation.
     pub fn init_noise_sigma(&self) -> f64 {
         1.0
     }
 
-    pub(crate) fn cursor(&self) -> &StepCursor {
-        &self.cursor
+    /// The timesteps and where the run is.
+    pub fn steps(&self) -> &Steps {
+        &self.steps
     }
 
-    pub(crate) fn cursor_mut(&mut self) -> &mut StepCursor {
-        &mut self.cursor
+    pub(crate) fn steps_mut(&mut self) -> &mut Steps {
+        &mut self.steps
     }
 
     /// The identity (DPM-Solver needs no input scaling).
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.cursor.check_index(step_index)?;
+        self.steps.check_index(step_index)?;
         Ok(sample.shallow_clone())
     }
 
@@ -113,8 +100,8 @@ impl DpmSolverMultistepScheduler {
         step_index: usize,
         sample: &Tensor,
     ) -> Result<Tensor> {
-        self.cursor.advance(step_index)?;
-        let len = self.timesteps.len();
+        self.steps.advance(step_index)?;
+        let len = self.steps.timesteps().len();
         let few_steps = self.lower_order_final && len < 15;
         let lower_order_final =
             step_index == len - 1 && (self.euler_at_final || few_steps || self.final_sigma_is_zero);
@@ -195,7 +182,7 @@ impl DpmSolverMultistepScheduler {
         noise: &Tensor,
         step_index: usize,
     ) -> Result<Tensor> {
-        self.cursor.check_index(step_index)?;
+        self.steps.check_index(step_index)?;
         let sigma = super::scalar_like(self.sigmas[step_index], original)?;
         let (alpha_t, sigma_t) = alpha_sigma_t(&sigma);
         Ok(alpha_t * original + sigma_t * noise)

@@ -9,7 +9,7 @@
 use tch::Tensor;
 
 use super::{
-    PredictionType, SchedulerConfig, StepCursor, TimestepSpacing, alphas_cumprod,
+    PredictionType, SchedulerConfig, Steps, TimestepSpacing, alphas_cumprod,
     euler_init_noise_sigma, euler_timesteps, np_interp_unit_grid, scalar, sqrt, squared,
     training_sigmas,
 };
@@ -19,11 +19,9 @@ use crate::Result;
 #[derive(Debug)]
 pub struct EulerAncestralDiscreteScheduler {
     prediction_type: PredictionType,
-    num_inference_steps: usize,
-    timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     init_noise_sigma: f64,
-    cursor: StepCursor,
+    steps: Steps,
 }
 
 impl EulerAncestralDiscreteScheduler {
@@ -45,17 +43,13 @@ impl EulerAncestralDiscreteScheduler {
         let init_noise_sigma = euler_init_noise_sigma(&sigmas, spacing)?;
         Ok(Self {
             prediction_type: config.prediction_type,
-            num_inference_steps,
-            cursor: StepCursor::new(timesteps.len()),
-            timesteps: timesteps.into_iter().map(f64::from).collect(),
+            steps: Steps::new(
+                timesteps.into_iter().map(f64::from).collect(),
+                num_inference_steps,
+            ),
             sigmas,
             init_noise_sigma,
         })
-    }
-
-    /// The timesteps fed to the UNet.
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
     }
 
     /// The sigmas, one per timestep plus the final 0.
@@ -63,27 +57,23 @@ impl EulerAncestralDiscreteScheduler {
         &self.sigmas
     }
 
-    /// The number of inference steps asked for.
-    pub fn num_inference_steps(&self) -> usize {
-        self.num_inference_steps
-    }
-
     /// `max sigma` (linspace, trailing) or `sqrt(max sigma² + 1)` (leading).
     pub fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma
     }
 
-    pub(crate) fn cursor(&self) -> &StepCursor {
-        &self.cursor
+    /// The timesteps and where the run is.
+    pub fn steps(&self) -> &Steps {
+        &self.steps
     }
 
-    pub(crate) fn cursor_mut(&mut self) -> &mut StepCursor {
-        &mut self.cursor
+    pub(crate) fn steps_mut(&mut self) -> &mut Steps {
+        &mut self.steps
     }
 
     /// `sample / ((sigma ** 2 + 1) ** 0.5)`.
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.cursor.check_index(step_index)?;
+        self.steps.check_index(step_index)?;
         let sigma = scalar(self.sigmas[step_index]);
         Ok(sample / sqrt(&(squared(&sigma) + 1.0)))
     }
@@ -99,7 +89,7 @@ impl EulerAncestralDiscreteScheduler {
         sample: &Tensor,
         noise: &Tensor,
     ) -> Result<Tensor> {
-        self.cursor.advance(step_index)?;
+        self.steps.advance(step_index)?;
         let sigma = scalar(self.sigmas[step_index]);
         let sample = sample.f_to_kind(tch::Kind::Float)?;
         let pred_original_sample = match self.prediction_type {
@@ -131,7 +121,7 @@ impl EulerAncestralDiscreteScheduler {
         noise: &Tensor,
         step_index: usize,
     ) -> Result<Tensor> {
-        self.cursor.check_index(step_index)?;
+        self.steps.check_index(step_index)?;
         let sigma = super::scalar_like(self.sigmas[step_index], original)?;
         Ok(original + noise * sigma)
     }

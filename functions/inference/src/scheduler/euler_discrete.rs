@@ -5,7 +5,7 @@
 use tch::Tensor;
 
 use super::{
-    InterpolationType, PredictionType, SchedulerConfig, StepCursor, TimestepSpacing, TimestepType,
+    InterpolationType, PredictionType, SchedulerConfig, Steps, TimestepSpacing, TimestepType,
     alphas_cumprod, euler_init_noise_sigma, euler_timesteps, final_sigma, karras_sigmas,
     log_sigmas, np_interp_unit_grid, scalar, sigma_to_t, sqrt, squared, training_sigmas,
 };
@@ -15,11 +15,9 @@ use crate::Result;
 #[derive(Debug)]
 pub struct EulerDiscreteScheduler {
     prediction_type: PredictionType,
-    num_inference_steps: usize,
-    timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     init_noise_sigma: f64,
-    cursor: StepCursor,
+    steps: Steps,
 }
 
 impl EulerDiscreteScheduler {
@@ -82,17 +80,10 @@ impl EulerDiscreteScheduler {
         let init_noise_sigma = euler_init_noise_sigma(&sigmas, spacing)?;
         Ok(Self {
             prediction_type: config.prediction_type,
-            num_inference_steps,
-            cursor: StepCursor::new(timesteps.len()),
-            timesteps,
+            steps: Steps::new(timesteps, num_inference_steps),
             sigmas,
             init_noise_sigma,
         })
-    }
-
-    /// The timesteps fed to the UNet (f32 values, fractional with Karras sigmas).
-    pub fn timesteps(&self) -> &[f64] {
-        &self.timesteps
     }
 
     /// The sigmas, one per timestep plus the final one.
@@ -100,27 +91,23 @@ impl EulerDiscreteScheduler {
         &self.sigmas
     }
 
-    /// The number of inference steps asked for.
-    pub fn num_inference_steps(&self) -> usize {
-        self.num_inference_steps
-    }
-
     /// `max sigma` (linspace, trailing) or `sqrt(max sigma² + 1)` (leading).
     pub fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma
     }
 
-    pub(crate) fn cursor(&self) -> &StepCursor {
-        &self.cursor
+    /// The timesteps and where the run is.
+    pub fn steps(&self) -> &Steps {
+        &self.steps
     }
 
-    pub(crate) fn cursor_mut(&mut self) -> &mut StepCursor {
-        &mut self.cursor
+    pub(crate) fn steps_mut(&mut self) -> &mut Steps {
+        &mut self.steps
     }
 
     /// `sample / ((sigma ** 2 + 1) ** 0.5)`: the UNet sees unit-variance input.
     pub fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Result<Tensor> {
-        self.cursor.check_index(step_index)?;
+        self.steps.check_index(step_index)?;
         let sigma = scalar(self.sigmas[step_index]);
         Ok(sample / sqrt(&(squared(&sigma) + 1.0)))
     }
@@ -133,7 +120,7 @@ impl EulerDiscreteScheduler {
         step_index: usize,
         sample: &Tensor,
     ) -> Result<Tensor> {
-        self.cursor.advance(step_index)?;
+        self.steps.advance(step_index)?;
         let sample = sample.f_to_kind(tch::Kind::Float)?;
         let sigma = scalar(self.sigmas[step_index]);
         // gamma = 0: sigma_hat = sigma * (gamma + 1) = sigma.
@@ -158,7 +145,7 @@ impl EulerDiscreteScheduler {
         noise: &Tensor,
         step_index: usize,
     ) -> Result<Tensor> {
-        self.cursor.check_index(step_index)?;
+        self.steps.check_index(step_index)?;
         let sigma = super::scalar_like(self.sigmas[step_index], original)?;
         Ok(original + noise * sigma)
     }

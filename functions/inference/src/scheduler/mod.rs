@@ -492,7 +492,7 @@ impl Scheduler {
     /// The whole schedule: the timestep fed to the UNet at each step (diffusers'
     /// `scheduler.timesteps`; Euler's may be fractional, the others' are integers).
     pub fn timesteps(&self) -> &[f64] {
-        each!(self, s => s.timesteps())
+        each!(self, s => s.steps().timesteps())
     }
 
     /// The timesteps a run visits: `timesteps()[begin_index()..]` (img2img's `get_timesteps`).
@@ -513,7 +513,7 @@ impl Scheduler {
 
     /// The number of inference steps asked for.
     pub fn num_inference_steps(&self) -> usize {
-        each!(self, s => s.num_inference_steps())
+        each!(self, s => s.steps().num_inference_steps())
     }
 
     /// The factor txt2img's initial unit-variance noise is multiplied by.
@@ -533,17 +533,17 @@ impl Scheduler {
 
     /// The index of the first step of the run (0 unless set for img2img).
     pub fn begin_index(&self) -> usize {
-        each!(self, s => s.cursor().begin_index())
+        each!(self, s => s.steps().begin_index())
     }
 
     /// The index the next [`step`](Scheduler::step) must have.
     pub fn step_index(&self) -> usize {
-        each!(self, s => s.cursor().step_index())
+        each!(self, s => s.steps().step_index())
     }
 
     /// Starts the run at `begin_index` (diffusers' `set_begin_index`); only before the first step.
     pub fn set_begin_index(&mut self, begin_index: usize) -> Result<()> {
-        each!(self, s => s.cursor_mut().set_begin_index(begin_index))
+        each!(self, s => s.steps_mut().set_begin_index(begin_index))
     }
 
     /// img2img: skips the first steps as `StableDiffusionXLImg2ImgPipeline.get_timesteps`
@@ -625,28 +625,43 @@ pub fn step_noise_like(model_output: &Tensor) -> Tensor {
         .to_device(model_output.device())
 }
 
-/// Where a run is: the begin index and the next step, checked on every call.
+/// A scheduler's timesteps and where a run is in them: the begin index and the next step,
+/// checked on every call.
 #[derive(Debug, Clone)]
-pub(crate) struct StepCursor {
-    len: usize,
+pub struct Steps {
+    timesteps: Vec<f64>,
+    num_inference_steps: usize,
     begin: usize,
     next: usize,
 }
 
-impl StepCursor {
-    pub(crate) fn new(len: usize) -> Self {
+impl Steps {
+    pub(crate) fn new(timesteps: Vec<f64>, num_inference_steps: usize) -> Self {
         Self {
-            len,
+            timesteps,
+            num_inference_steps,
             begin: 0,
             next: 0,
         }
     }
 
-    pub(crate) fn begin_index(&self) -> usize {
+    /// The timesteps fed to the UNet, one per step.
+    pub fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    /// The number of inference steps asked for.
+    pub fn num_inference_steps(&self) -> usize {
+        self.num_inference_steps
+    }
+
+    /// The index of the run's first step.
+    pub fn begin_index(&self) -> usize {
         self.begin
     }
 
-    pub(crate) fn step_index(&self) -> usize {
+    /// The index the next step must have.
+    pub fn step_index(&self) -> usize {
         self.next
     }
 
@@ -656,10 +671,10 @@ impl StepCursor {
                 "set_begin_index after the run started".to_owned(),
             ));
         }
-        if begin >= self.len {
+        if begin >= self.timesteps.len() {
             return Err(EngineError::InvalidSchedule(format!(
                 "begin index {begin} is past the {} steps",
-                self.len
+                self.timesteps.len()
             )));
         }
         self.begin = begin;
@@ -669,10 +684,10 @@ impl StepCursor {
 
     /// Checks that `index` addresses a step of the schedule.
     pub(crate) fn check_index(&self, index: usize) -> Result<()> {
-        if index >= self.len {
+        if index >= self.timesteps.len() {
             return Err(EngineError::InvalidSchedule(format!(
                 "step index {index} is past the {} steps",
-                self.len
+                self.timesteps.len()
             )));
         }
         Ok(())
