@@ -29,6 +29,27 @@ fn every_builtin_parses_and_validates() {
 }
 
 #[test]
+fn the_readme_examples_are_valid_presets() {
+    let readme = include_str!("../presets/README.md");
+    let examples: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|block| block.split("```").next())
+        .collect();
+    assert_eq!(examples.len(), 2, "the README's TOML examples");
+    for example in examples {
+        let name = example
+            .lines()
+            .find_map(|line| line.strip_prefix("name = \""))
+            .and_then(|rest| rest.strip_suffix('"'))
+            .expect("an example names its preset");
+        let preset = Preset::from_toml(name, example)
+            .unwrap_or_else(|e| panic!("README example {name}: {e}"));
+        preset.validate().expect("valid");
+    }
+}
+
+#[test]
 fn builtin_portraits_need_one_level_face_and_tone() {
     let library = PresetLibrary::builtin().expect("built-ins are valid");
     for (name, kelvin) in [("profile-warm", 5200.0), ("profile-cool", 7500.0)] {
