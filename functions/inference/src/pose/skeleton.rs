@@ -4,7 +4,10 @@
 //!
 //! 1. **Peaks**: each part's heatmap is smoothed (Gaussian, σ = 3 px, mirrored edges); a pixel
 //!    at least as high as its four neighbours and above 0.1 is a candidate part, scored by the
-//!    unsmoothed heatmap.
+//!    unsmoothed heatmap. A part keeps at most [`MAX_PEAKS_PER_PART`] candidates, the highest
+//!    (a trained model marks a few per person; a flat, saturated heatmap — a plateau where every
+//!    pixel ties its neighbours — would otherwise make every pixel one, and the limb search
+//!    quadratic in them).
 //! 2. **Limbs**: for each of the 19 limbs, every pair of candidates of its two parts is scored
 //!    by the affinity field sampled at 10 points between them, projected on the pair's
 //!    direction; pairs with at least 9 samples above 0.05 and a positive mean (less a penalty for
@@ -62,6 +65,9 @@ const LIMB_FIELDS: [(usize, usize); 19] = [
     (18, 19),
     (26, 27),
 ];
+
+/// Candidates kept per part: far more than people in any photo a studio renders.
+pub const MAX_PEAKS_PER_PART: usize = 64;
 
 const SIGMA: f64 = 3.0;
 const PEAK_THRESHOLD: f64 = 0.1;
@@ -166,15 +172,26 @@ fn find_peaks(heatmap: &[f32], width: usize, height: usize) -> Vec<Peak> {
                 && value >= right
                 && value > PEAK_THRESHOLD
             {
-                peaks.push(Peak {
-                    x,
-                    y,
-                    score: f64::from(heatmap[y * width + x]),
-                });
+                peaks.push((
+                    value,
+                    Peak {
+                        x,
+                        y,
+                        score: f64::from(heatmap[y * width + x]),
+                    },
+                ));
             }
         }
     }
-    peaks
+    if peaks.len() > MAX_PEAKS_PER_PART {
+        // The highest smoothed values (the first of equals), kept in row-major order.
+        let mut order: Vec<usize> = (0..peaks.len()).collect();
+        order.sort_by(|&a, &b| peaks[b].0.total_cmp(&peaks[a].0));
+        order.truncate(MAX_PEAKS_PER_PART);
+        order.sort_unstable();
+        return order.into_iter().map(|i| peaks[i].1).collect();
+    }
+    peaks.into_iter().map(|(_, peak)| peak).collect()
 }
 
 /// A separable Gaussian blur (radius 4σ, mirrored edges `d c b a | a b c d`), in f64: scipy's
@@ -413,6 +430,30 @@ mod tests {
         assert_eq!(points[0], 3.0);
         assert_eq!(points[SAMPLES - 1], 10.0);
         assert!((points[1] - (3.0 + 7.0 / 9.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_flat_saturated_heatmap_gives_a_bounded_number_of_candidates() {
+        let (width, height) = (96, 64);
+        let mut heatmap = vec![0.9f32; width * height];
+        // One real peak above the plateau is always kept.
+        heatmap[40 * width + 50] = 3.0;
+        let peaks = find_peaks(&heatmap, width, height);
+        assert_eq!(peaks.len(), MAX_PEAKS_PER_PART);
+        assert!(peaks.iter().any(|p| (p.x, p.y) == (50, 40)));
+        assert!(
+            peaks
+                .windows(2)
+                .all(|w| (w[0].y, w[0].x) < (w[1].y, w[1].x))
+        );
+        let maps = PartMaps {
+            width,
+            height,
+            heatmaps: vec![heatmap; 19],
+            fields: vec![vec![1.0; width * height]; 38],
+        };
+        let (candidates, _) = parse(&maps);
+        assert_eq!(candidates.len(), PARTS * MAX_PEAKS_PER_PART);
     }
 
     #[test]
