@@ -199,3 +199,48 @@ fn bad_weights_are_typed_errors() {
         "{error}"
     );
 }
+
+/// `darkroom-control-map` draws both kinds from a photo file and says why it cannot.
+#[test]
+fn the_control_map_command_draws_pose_and_depth_maps() {
+    let (_, t) = estimator();
+    let dir = tempfile::tempdir().unwrap();
+    let photo = dir.path().join("photo.png");
+    image(&t["photo.image_u8"]).save(&photo).unwrap();
+    let run = |kind: &str, model: &std::path::Path, out: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_darkroom-control-map"))
+            .args(["--kind", kind, "--device", "cpu"])
+            .args(["--model".as_ref(), model.as_os_str()])
+            .args(["--image".as_ref(), photo.as_os_str()])
+            .args(["--out".as_ref(), out.as_os_str()])
+            .output()
+            .unwrap()
+    };
+    let pose_out = dir.path().join("pose.png");
+    let output = run("pose", &common::fixture("pose", &[]), &pose_out);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.ends_with(" people")),
+        "{stdout}"
+    );
+    let map = image::open(&pose_out).unwrap();
+    assert_eq!((map.width(), map.height()), (136, 184));
+
+    let depth_out = dir.path().join("depth.png");
+    let depth_model = common::fixture("depth", &[]).join("small");
+    let output = run("depth", &depth_model, &depth_out);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(image::open(&depth_out).unwrap().width(), 136);
+
+    // The wrong kind of model for the map: an error naming the file, no output.
+    let wrong = dir.path().join("wrong.png");
+    let output = run("pose", &depth_model.join("model.safetensors"), &wrong);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("model.safetensors"), "{stderr}");
+    assert!(!wrong.exists());
+}

@@ -190,9 +190,9 @@ impl PoseEstimator {
             .collect())
     }
 
-    /// The control image OpenPose ControlNets take for `image`, at `image`'s size: the people
-    /// found at the detection size, drawn there on black, resized to the image.
-    pub fn pose_map(&self, image: &RgbImage) -> Result<RgbImage> {
+    /// The people in `image`, found at its detection size ([`detection_size`]), their parts
+    /// as fractions of the image's width and height.
+    pub fn people(&self, image: &RgbImage) -> Result<Vec<Keypoints>> {
         let (width, height) = image.dimensions();
         if width == 0 || height == 0 {
             return Err(invalid_input("an empty image".to_owned()));
@@ -203,17 +203,28 @@ impl PoseEstimator {
         } else {
             FilterType::Lanczos3
         };
-        let detect_image = imageops::resize(image, detect_width, detect_height, filter);
-        let people = self.detect(&detect_image)?;
-        let mut canvas = RgbImage::new(detect_width, detect_height);
-        draw::draw_people(&mut canvas, &people);
-        Ok(imageops::resize(
-            &canvas,
-            width,
-            height,
-            FilterType::Triangle,
+        self.detect(&imageops::resize(
+            image,
+            detect_width,
+            detect_height,
+            filter,
         ))
     }
+
+    /// The control image OpenPose ControlNets take for `image`, at `image`'s size.
+    pub fn pose_map(&self, image: &RgbImage) -> Result<RgbImage> {
+        let (width, height) = image.dimensions();
+        Ok(pose_map_of(&self.people(image)?, width, height))
+    }
+}
+
+/// The control image of `people` at `width × height`: drawn on black at the detection size
+/// (where the annotator draws, so limbs have its thickness), then resized.
+pub fn pose_map_of(people: &[Keypoints], width: u32, height: u32) -> RgbImage {
+    let (detect_width, detect_height) = detection_size(width, height);
+    let mut canvas = RgbImage::new(detect_width, detect_height);
+    draw::draw_people(&mut canvas, people);
+    imageops::resize(&canvas, width, height, FilterType::Triangle)
 }
 
 /// `maps` `[b, c, h, w]` resized to `height × width` with OpenCV's Lanczos-4 (8 taps, edges

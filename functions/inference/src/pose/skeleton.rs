@@ -19,6 +19,28 @@
 /// Parts of the COCO body model, in the network's heatmap order.
 pub const PARTS: usize = 18;
 
+/// The parts' names, in the network's order (right and left are the person's own).
+pub const PART_NAMES: [&str; PARTS] = [
+    "nose",
+    "neck",
+    "right shoulder",
+    "right elbow",
+    "right wrist",
+    "left shoulder",
+    "left elbow",
+    "left wrist",
+    "right hip",
+    "right knee",
+    "right ankle",
+    "left hip",
+    "left knee",
+    "left ankle",
+    "right eye",
+    "left eye",
+    "right ear",
+    "left ear",
+];
+
 /// The limbs as (part, part) pairs, 1-based as in the model's documentation: neck–shoulders,
 /// arms, neck–hips, legs, neck–nose, nose–eyes–ears, and ears–shoulders.
 pub const LIMBS: [(usize, usize); 19] = [
