@@ -140,12 +140,7 @@ pub struct Person {
 /// The people in `maps`: all candidate parts (every part's in turn, each part's in row-major
 /// order) and the people made of them.
 pub fn parse(maps: &PartMaps) -> (Vec<Peak>, Vec<Person>) {
-    let peaks_by_part: Vec<Vec<Peak>> = maps
-        .heatmaps
-        .iter()
-        .take(PARTS)
-        .map(|heatmap| find_peaks(heatmap, maps.width, maps.height))
-        .collect();
+    let peaks_by_part = peaks_of_every_part(maps);
     let mut first_id = Vec::with_capacity(PARTS);
     let mut candidates = Vec::new();
     for peaks in &peaks_by_part {
@@ -173,6 +168,33 @@ pub fn parse(maps: &PartMaps) -> (Vec<Peak>, Vec<Person>) {
         .collect();
     let people = assemble(&candidates, &connections);
     (candidates, people)
+}
+
+/// [`find_peaks`] of each part's heatmap, the parts shared among the machine's cores.
+fn peaks_of_every_part(maps: &PartMaps) -> Vec<Vec<Peak>> {
+    let heatmaps = &maps.heatmaps[..PARTS.min(maps.heatmaps.len())];
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let per_thread = heatmaps.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = heatmaps
+            .chunks(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|heatmap| find_peaks(heatmap, maps.width, maps.height))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| match worker.join() {
+                Ok(peaks) => peaks,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 /// Local maxima of the smoothed heatmap above the threshold, row-major.
@@ -236,37 +258,40 @@ fn gaussian_blur(plane: &[f32], width: usize, height: usize, sigma: f64) -> Vec<
         }
         i as usize
     };
-    let blur_line = |line: &[f64], out: &mut [f64]| {
-        let n = line.len();
-        for (i, out) in out.iter_mut().enumerate() {
-            let mut sum = line[i] * weights[0];
-            for (k, w) in weights.iter().enumerate().skip(1) {
-                let before = line[mirror(i as isize - k as isize, n)];
-                let after = line[mirror((i + k) as isize, n)];
-                sum += (before + after) * w;
-            }
-            *out = sum;
-        }
-    };
-    // Along the columns first (axis 0), then the rows, as scipy goes axis by axis.
+    let source: Vec<f64> = plane.iter().map(|&v| f64::from(v)).collect();
+    // Along the columns first (axis 0), then the rows, as scipy goes axis by axis; each output
+    // is `centre·w0 + Σ (before + after)·wk`, k = 1…radius, in that order.
     let mut columns = vec![0.0; width * height];
-    let mut line = vec![0.0; height];
-    let mut out = vec![0.0; height];
-    for x in 0..width {
-        for y in 0..height {
-            line[y] = f64::from(plane[y * width + x]);
+    for (y, out) in columns.chunks_exact_mut(width).enumerate() {
+        let row = |index: usize| &source[index * width..(index + 1) * width];
+        for (o, c) in out.iter_mut().zip(row(y)) {
+            *o = c * weights[0];
         }
-        blur_line(&line, &mut out);
-        for y in 0..height {
-            columns[y * width + x] = out[y];
+        for (k, w) in weights.iter().enumerate().skip(1) {
+            let above = row(mirror(y as isize - k as isize, height));
+            let below = row(mirror((y + k) as isize, height));
+            for ((o, a), b) in out.iter_mut().zip(above).zip(below) {
+                *o += (a + b) * w;
+            }
         }
     }
+    let mut padded = vec![0.0; width + 2 * radius];
     let mut result = vec![0.0; width * height];
     for (row, out) in columns
         .chunks_exact(width)
         .zip(result.chunks_exact_mut(width))
     {
-        blur_line(row, out);
+        for (i, p) in padded.iter_mut().enumerate() {
+            *p = row[mirror(i as isize - radius as isize, width)];
+        }
+        for (x, o) in out.iter_mut().enumerate() {
+            let centre = x + radius;
+            let mut sum = padded[centre] * weights[0];
+            for (k, w) in weights.iter().enumerate().skip(1) {
+                sum += (padded[centre - k] + padded[centre + k]) * w;
+            }
+            *o = sum;
+        }
     }
     result
 }
