@@ -17,6 +17,17 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
+impl DeviceSpec {
+    /// The precision to run in when none is named: f16 on a GPU, f32 on the CPU (where many
+    /// kernels lack half precision).
+    pub fn default_dtype(self) -> DType {
+        match self {
+            DeviceSpec::Cpu => DType::F32,
+            DeviceSpec::Cuda(_) => DType::F16,
+        }
+    }
+}
+
 impl FromStr for DeviceSpec {
     type Err = EngineError;
 

@@ -97,10 +97,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let dtype = args.dtype.unwrap_or(match args.device {
-        DeviceSpec::Cpu => DType::F32,
-        DeviceSpec::Cuda(_) => DType::F16,
-    });
+    let dtype = args.dtype.unwrap_or(args.device.default_dtype());
     let (device, _) = resolve(args.device, dtype)?;
 
     let started = Instant::now();

@@ -323,10 +323,7 @@ fn device_and_dtype(device: &str, dtype: &str) -> Result<(DeviceSpec, DType), En
         other => other.parse()?,
     };
     let dtype = match dtype.trim() {
-        "auto" | "" => match device {
-            DeviceSpec::Cpu => DType::F32,
-            DeviceSpec::Cuda(_) => DType::F16,
-        },
+        "auto" | "" => device.default_dtype(),
         other => other.parse()?,
     };
     Ok((device, dtype))
