@@ -129,6 +129,27 @@ impl Clients {
         }
     }
 
+    /// An ordered consumer on `stream` reading the messages on `filter` from the first stored.
+    pub async fn replay_from_start(
+        &mut self,
+        stream: &str,
+        filter: &str,
+    ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig>> {
+        let js = self.jetstream().await?;
+        let handle = js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| self.nats_error(format!("open stream {stream}"), e))?;
+        handle
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter.to_owned(),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| self.nats_error(format!("ordered consumer on {stream} ({filter})"), e))
+    }
+
     /// The last lifecycle event of `kind` of the job stored on the events stream.
     pub async fn last_event(
         &mut self,

@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use bytes::Bytes;
 use darkroom_events::s3::{S3Message, parse_s3_message};
 use darkroom_events::subjects::{self, DLQ_STREAM, DLQ_SUBJECTS, headers};
@@ -137,16 +136,7 @@ pub async fn run(
         .get_stream_no_info(DLQ_STREAM)
         .await
         .map_err(|e| clients.nats_error(format!("open stream {DLQ_STREAM}"), e))?;
-    let mut consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: filter.clone(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| {
-            clients.nats_error(format!("ordered consumer on {DLQ_STREAM} ({filter})"), e)
-        })?;
+    let mut consumer = clients.replay_from_start(DLQ_STREAM, &filter).await?;
     let pending = consumer
         .info()
         .await

@@ -16,7 +16,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use darkroom_events::JobId;
 use darkroom_events::subjects::{self, NOTIFY_STREAM};
 use darkroom_shared::jobs::JobStatus;
@@ -243,23 +242,9 @@ pub struct Follower {
 impl Follower {
     /// Opens it on `darkroom.fanout.job.<job>.>`, from the first message stored.
     pub async fn open(clients: &mut Clients, job: JobId) -> Result<Self> {
-        let js = clients.jetstream().await?;
         let live = subjects::notify_job_filter(job);
         let filter = subjects::notify_stored_subject(&live).unwrap_or(live);
-        let stream = js
-            .get_stream_no_info(NOTIFY_STREAM)
-            .await
-            .map_err(|e| clients.nats_error(format!("open stream {NOTIFY_STREAM}"), e))?;
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                filter_subject: filter.clone(),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                clients.nats_error(format!("ordered consumer on {NOTIFY_STREAM} ({filter})"), e)
-            })?;
+        let consumer = clients.replay_from_start(NOTIFY_STREAM, &filter).await?;
         let messages = consumer
             .messages()
             .await
