@@ -174,6 +174,12 @@ fn a_pose_map_has_the_photos_size() {
         estimator.pose_map(&empty),
         Err(EngineError::InvalidInput { .. })
     ));
+    // A strip 10:1 would need maps of 5120×512 pixels: refused before any work.
+    let strip = image::RgbImage::new(1000, 100);
+    assert!(matches!(
+        estimator.pose_map(&strip),
+        Err(EngineError::InvalidInput { .. })
+    ));
 }
 
 #[test]

@@ -38,6 +38,10 @@ pub const WEIGHTS_FILE: &str = "body_pose_model.safetensors";
 /// The short side of the detection size (the annotator's `detect_resolution`).
 pub const DETECT_RESOLUTION: u32 = 512;
 
+/// The longest detection side accepted (an aspect ratio of 8:1 at the 512 px short side): the
+/// maps hold 57 floats per pixel of it, and a photo much longer than that is no portrait.
+pub const MAX_DETECTION_SIDE: u32 = 4096;
+
 /// The network's input height: half the 368 px box of its training (the annotator's single
 /// scale, 0.5).
 pub const NETWORK_HEIGHT: f64 = 184.0;
@@ -198,6 +202,12 @@ impl PoseEstimator {
             return Err(invalid_input("an empty image".to_owned()));
         }
         let (detect_width, detect_height) = detection_size(width, height);
+        if detect_width.max(detect_height) > MAX_DETECTION_SIDE {
+            return Err(invalid_input(format!(
+                "a {width}×{height} image is too elongated to look for people in (its \
+                 detection size {detect_width}×{detect_height} exceeds {MAX_DETECTION_SIDE} px)"
+            )));
+        }
         let filter = if detect_height < height {
             FilterType::Triangle
         } else {
