@@ -6,7 +6,7 @@
 //! seed files.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead as _, Cursor, Write as _};
+use std::io::{BufRead as _, Write as _};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -19,7 +19,6 @@ use darkroom_shared::publish::{DeadLetter, Publisher};
 use darkroom_shared::topology::Topology;
 use darkroom_tests::{NatsServer, S3Server, UserKey};
 use futures::StreamExt;
-use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
 use tokio::sync::mpsc;
 
 const BUCKET: &str = "photos";
@@ -391,18 +390,6 @@ async fn cli_with_seed_file(
     darkroom_tests::output_of(&mut command, WAIT).await
 }
 
-fn photo_jpeg() -> Vec<u8> {
-    let image = RgbImage::from_fn(640, 480, |x, y| {
-        let v = if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 };
-        Rgb([v, (x % 256) as u8, (y % 256) as u8])
-    });
-    let mut out = Cursor::new(Vec::new());
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .write_image(image.as_raw(), 640, 480, ExtendedColorType::Rgb8)
-        .unwrap();
-    out.into_inner()
-}
-
 /// Preprocess runs in-process as its own user (its seed file in `DARKROOM_NATS_NKEY_FILE`'s
 /// setting), checking (not changing) the topology; an upload announced by the ingest user
 /// becomes a queued job, which the inference user pulls and acks, the notifier user reads the
@@ -423,7 +410,7 @@ async fn the_functions_work_with_their_own_seeds() {
         &s3_client,
         BUCKET,
         "inbox/desk-setup/secured.jpg",
-        photo_jpeg(),
+        darkroom_tests::checkerboard_jpeg(0),
     )
     .await;
     let job = object.job_id().unwrap();

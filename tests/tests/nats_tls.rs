@@ -9,7 +9,7 @@
 //! servers whose certificates its CA signed.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Cursor, Write as _};
+use std::io::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,7 +20,6 @@ use darkroom_preprocess::config::PreprocessConfig;
 use darkroom_shared::RuntimeConfig;
 use darkroom_shared::topology::Topology;
 use darkroom_tests::{ClientCertificates, NatsServer, S3Server};
-use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
 use tokio_util::sync::CancellationToken;
 
 const BUCKET: &str = "photos";
@@ -67,18 +66,6 @@ async fn operator_cli(
     darkroom_tests::output_of(&mut command, WAIT).await
 }
 
-fn photo_jpeg() -> Vec<u8> {
-    let image = RgbImage::from_fn(640, 480, |x, y| {
-        let v = if (x / 40 + y / 40) % 2 == 0 { 220 } else { 30 };
-        Rgb([v, (x % 256) as u8, (y % 256) as u8])
-    });
-    let mut out = Cursor::new(Vec::new());
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .write_image(image.as_raw(), 640, 480, ExtendedColorType::Rgb8)
-        .unwrap();
-    out.into_inner()
-}
-
 /// The TLS version the server reports for its client connection named `name` (`/connz`).
 async fn tls_version_of(nats: &NatsServer, name: &str) -> Option<String> {
     let connz: serde_json::Value = reqwest::Client::builder()
@@ -120,7 +107,7 @@ async fn the_functions_work_over_tls_with_the_ca() {
         &s3_client,
         BUCKET,
         "inbox/desk-setup/over-tls.jpg",
-        photo_jpeg(),
+        darkroom_tests::checkerboard_jpeg(0),
     )
     .await;
     let job = object.job_id().unwrap();
