@@ -195,6 +195,20 @@ fn bad_weights_are_typed_errors() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let error = PoseEstimator::load(&truncated, Device::Cpu, DType::F32).unwrap_err();
     assert!(matches!(error, EngineError::Model(_)), "{error}");
+    // The published pickle, named or found in the folder: refused with the conversion.
+    let pickle = dir.path().join("body_pose_model.pth");
+    std::fs::write(&pickle, b"PK\x03\x04 not loaded").unwrap();
+    std::fs::remove_file(&truncated).unwrap();
+    for path in [pickle.as_path(), dir.path()] {
+        let error = PoseEstimator::load(path, Device::Cpu, DType::F32).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            matches!(error, EngineError::InvalidConfig { .. }),
+            "{error}"
+        );
+        assert!(message.contains("save_file(torch.load("), "{message}");
+        assert!(message.contains("body_pose_model.safetensors"), "{message}");
+    }
     // Another model's weights: the depth estimator's.
     let depth = common::fixture("depth", &[])
         .join("small")

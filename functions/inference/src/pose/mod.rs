@@ -35,6 +35,10 @@ const COMPONENT: &str = "pose estimator";
 /// The weights file looked for when the model path is a folder.
 pub const WEIGHTS_FILE: &str = "body_pose_model.safetensors";
 
+/// The published weights' name (a pickle): found in a folder without [`WEIGHTS_FILE`], it is
+/// refused with the command that converts it.
+const PICKLED_WEIGHTS_FILE: &str = "body_pose_model.pth";
+
 /// The short side of the detection size (the annotator's `detect_resolution`).
 pub const DETECT_RESOLUTION: u32 = 512;
 
@@ -73,10 +77,30 @@ impl PoseEstimator {
     /// (a missing, unexpected, misshaped or truncated tensor is a typed error naming it).
     pub fn load(path: &Path, device: Device, dtype: DType) -> Result<Self> {
         let weights = if path.is_dir() {
-            path.join(WEIGHTS_FILE)
+            match path.join(PICKLED_WEIGHTS_FILE) {
+                pickled if !path.join(WEIGHTS_FILE).exists() && pickled.exists() => pickled,
+                _ => path.join(WEIGHTS_FILE),
+            }
         } else {
             path.to_owned()
         };
+        if weights
+            .extension()
+            .is_some_and(|ext| ["pth", "pt", "ckpt", "bin"].iter().any(|p| ext == *p))
+        {
+            return Err(EngineError::InvalidConfig {
+                component: COMPONENT,
+                message: format!(
+                    "{} is a PyTorch pickle, which is never loaded (unpickling can run code); \
+                     convert it once to safetensors: python -c \"import torch; from \
+                     safetensors.torch import save_file; save_file(torch.load('{}', \
+                     weights_only=True), '{}')\"",
+                    weights.display(),
+                    weights.display(),
+                    weights.with_extension("safetensors").display()
+                ),
+            });
+        }
         let mut vs = nn::VarStore::new(device);
         vs.set_kind(dtype.kind());
         let network = BodyPoseNetwork::new(&vs.root());
