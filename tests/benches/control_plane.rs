@@ -280,7 +280,9 @@ async fn observe(client: &async_nats::Client, timelines: Arc<Timelines>) -> Resu
         .subscribe("darkroom.notify.job.*.completed")
         .await
         .context("subscribe to notifications")?;
-    client.flush().await.context("flush subscriptions")?;
+    darkroom_tests::round_trip(client)
+        .await
+        .context("register the subscriptions")?;
 
     let uploads_timelines = timelines.clone();
     tokio::spawn(async move {

@@ -1607,37 +1607,43 @@ pub async fn subject_counts(
 }
 
 /// Subscribes `client` to `subject` and returns once the server has registered the
-/// subscription, so a message published on another connection right after is heard.
-/// (`Client::flush` only empties the socket buffer: it does not wait for the server, which
-/// under load can handle another connection's publish before this subscription.) The proof is
-/// a round trip on the same connection — the server handles one connection's commands in
-/// order.
+/// subscription (see [`round_trip`]), so a message published on another connection right after
+/// is heard.
 ///
 /// # Panics
-/// When the subscription or the round trip fails (within 30 s).
+/// When the subscription or the round trip fails.
 pub async fn subscribe_registered(
     client: &async_nats::Client,
     subject: String,
 ) -> async_nats::Subscriber {
-    use futures::StreamExt as _;
-
     let subscriber = client
         .subscribe(subject.clone())
         .await
         .unwrap_or_else(|e| panic!("subscribe {subject}: {e}"));
+    round_trip(client)
+        .await
+        .unwrap_or_else(|e| panic!("after subscribing to {subject}: {e}"));
+    subscriber
+}
+
+/// Returns once the server has handled everything `client` sent before (its subscriptions
+/// above all): `Client::flush` only empties the socket buffer and does not wait for the
+/// server, which under load can handle another connection's publish before this one's
+/// subscription. The proof is a message to a fresh inbox, sent and heard on the same
+/// connection — the server handles one connection's commands in order.
+///
+/// # Errors
+/// When the inbox cannot be subscribed or published to, or no echo comes within 30 s.
+pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+
     let echo = client.new_inbox();
-    let mut echoes = client
-        .subscribe(echo.clone())
-        .await
-        .unwrap_or_else(|e| panic!("subscribe {echo}: {e}"));
-    client
-        .publish(echo.clone(), "".into())
-        .await
-        .unwrap_or_else(|e| panic!("publish {echo}: {e}"));
+    let mut echoes = client.subscribe(echo.clone()).await?;
+    client.publish(echo.clone(), "".into()).await?;
     tokio::time::timeout(Duration::from_secs(30), echoes.next())
         .await
-        .unwrap_or_else(|_| panic!("no echo on {echo} within 30 s"));
-    subscriber
+        .map_err(|_| anyhow::anyhow!("no echo on {echo} within 30 s"))?;
+    Ok(())
 }
 
 /// Every message in `stream`, oldest first, without consuming any.
