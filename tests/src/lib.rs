@@ -1646,34 +1646,54 @@ pub async fn round_trip(client: &async_nats::Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every message in `stream`, oldest first, without consuming any.
+/// Every message in `stream`, oldest first, without consuming any. A read that fails half-way
+/// (the stream's leader killed or being elected, a request timing out on a loaded machine) is
+/// started again, for up to [`STREAM_READ_PATIENCE`]: a message that cannot be read is never
+/// silently left out.
 ///
 /// # Panics
-/// When the stream cannot be read.
+/// When the stream cannot be read within that time.
 pub async fn stream_messages(
     js: &async_nats::jetstream::Context,
     stream: &str,
 ) -> Vec<async_nats::jetstream::message::StreamMessage> {
-    let stream = js
-        .get_stream(stream)
-        .await
-        .unwrap_or_else(|e| panic!("open stream {stream}: {e}"));
-    let state = stream
-        .get_info()
-        .await
-        .unwrap_or_else(|e| panic!("stream info: {e}"))
-        .state;
-    let mut messages = Vec::new();
-    if state.messages == 0 {
-        return messages;
-    }
-    for sequence in state.first_sequence..=state.last_sequence {
-        // Deleted sequences (acknowledged work-queue messages) are skipped.
-        if let Ok(message) = stream.get_raw_message(sequence).await {
-            messages.push(message);
+    let deadline = Instant::now() + STREAM_READ_PATIENCE;
+    loop {
+        match read_stream(js, stream).await {
+            Ok(messages) => return messages,
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("reading stream {stream}: {error:#}; again in 200 ms");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => panic!("reading stream {stream}: {error:#}"),
         }
     }
-    messages
+}
+
+/// How long [`stream_messages`] retries a stream it cannot read.
+pub const STREAM_READ_PATIENCE: Duration = Duration::from_secs(30);
+
+async fn read_stream(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> anyhow::Result<Vec<async_nats::jetstream::message::StreamMessage>> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+
+    let mut stream = js.get_stream(name).await?;
+    let state = stream.info().await?.state.clone();
+    let mut messages = Vec::new();
+    if state.messages == 0 {
+        return Ok(messages);
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        match stream.get_raw_message(sequence).await {
+            Ok(message) => messages.push(message),
+            // Deleted (acknowledged work-queue messages): not there to read.
+            Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => {}
+            Err(error) => anyhow::bail!("message {sequence}: {error}"),
+        }
+    }
+    Ok(messages)
 }
 
 /// Polls `probe` every 50 ms until `done` holds, and returns that value.
