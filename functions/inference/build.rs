@@ -4,8 +4,9 @@
 //!   and tests run without `LD_LIBRARY_PATH`.
 //! - With the `cuda` feature, `libtorch_cuda` linked with `--no-as-needed`: nothing references
 //!   its symbols directly, so the linker would drop it and CUDA would never be available. And
-//!   `csrc/cuda_graph.cpp` compiled against libtorch's headers (CUDA graphs and allocator
-//!   statistics, which tch does not bind).
+//!   the shim in `csrc/` compiled against libtorch's headers: CUDA graphs and allocator
+//!   statistics, which tch does not bind (`cuda_graph.cpp`), and the fused kernels
+//!   (`fused_kernels.cpp`, which compiles `kernels.cu` with NVRTC at run time).
 
 use std::path::PathBuf;
 
@@ -36,13 +37,20 @@ fn build_cuda_shim(lib: Option<&std::path::Path>) {
     };
     let torch = lib.parent().unwrap_or(lib);
     let cuda = cuda_root(torch);
-    println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
+    for file in [
+        "csrc/shim.h",
+        "csrc/cuda_graph.cpp",
+        "csrc/fused_kernels.cpp",
+    ] {
+        println!("cargo:rerun-if-changed={file}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
     cc::Build::new()
         .cpp(true)
         .file("csrc/cuda_graph.cpp")
+        .file("csrc/fused_kernels.cpp")
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
         .include(cuda.join("include"))
@@ -59,15 +67,24 @@ fn build_cuda_shim(lib: Option<&std::path::Path>) {
     let cuda_lib = cuda.join("lib");
     println!("cargo:rustc-link-search=native={}", cuda_lib.display());
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", cuda_lib.display());
-    let versioned = std::fs::read_dir(&cuda_lib).ok().and_then(|entries| {
+    // NVRTC compiles csrc/kernels.cu at run time (csrc/fused_kernels.cpp); the wheel ships it.
+    for library in ["cudart", "nvrtc"] {
+        match versioned_library(&cuda_lib, library) {
+            Some(name) => println!("cargo:rustc-link-lib=dylib:+verbatim={name}"),
+            None => println!("cargo:rustc-link-lib=dylib={library}"),
+        }
+    }
+}
+
+/// `lib<name>.so.N` in `dir` (the wheel's libraries have no unversioned name).
+#[cfg(feature = "cuda")]
+fn versioned_library(dir: &std::path::Path, name: &str) -> Option<String> {
+    let prefix = format!("lib{name}.so.");
+    std::fs::read_dir(dir).ok().and_then(|entries| {
         entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .find(|name| name.starts_with("libcudart.so."))
-    });
-    match versioned {
-        Some(name) => println!("cargo:rustc-link-lib=dylib:+verbatim={name}"),
-        None => println!("cargo:rustc-link-lib=dylib=cudart"),
-    }
+            .find(|file| file.starts_with(&prefix))
+    })
 }
 
 /// `$CUDA_HOME`, else the wheel's CUDA runtime next to torch (`include/` and `lib/`).

@@ -1,8 +1,9 @@
 // CUDA graphs and caching-allocator statistics for Darkroom, over libtorch's C++ API (tch binds
 // neither). Built by build.rs with the `cuda` feature only; see src/cuda.rs for the Rust side.
 //
-// Every function catches C++ exceptions and reports them as a malloc'ed message in `*error`
-// (freed with darkroom_free_error); a null `*error` means success.
+// Every function catches C++ exceptions and reports them through `*error` (shim.h).
+
+#include "shim.h"
 
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAGraph.h>
@@ -11,34 +12,11 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <exception>
 #include <optional>
 
 namespace {
 
-void set_error(char** error, const char* message) {
-  if (error != nullptr) {
-    *error = strdup(message);
-  }
-}
-
-template <typename F>
-bool guarded(char** error, F&& f) {
-  if (error != nullptr) {
-    *error = nullptr;
-  }
-  try {
-    f();
-    return true;
-  } catch (const std::exception& e) {
-    set_error(error, e.what());
-  } catch (...) {
-    set_error(error, "unknown C++ exception");
-  }
-  return false;
-}
+using darkroom::guarded;
 
 // A graph with the side stream it is captured on (capture cannot run on the default stream).
 struct Graph {

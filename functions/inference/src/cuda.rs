@@ -14,6 +14,8 @@
 use std::ffi::{CStr, c_char, c_void};
 use std::ptr::NonNull;
 
+use tch::Tensor;
+
 use crate::{EngineError, Result};
 
 unsafe extern "C" {
@@ -41,6 +43,18 @@ unsafe extern "C" {
     fn darkroom_cuda_empty_cache(error: *mut *mut c_char);
     fn darkroom_cuda_set_cudnn_benchmark(enabled: bool, error: *mut *mut c_char);
     fn darkroom_cuda_set_attention(fa3: bool, cudnn_first: bool, error: *mut *mut c_char);
+    fn darkroom_kernels_load(device: i32, source: *const c_char, error: *mut *mut c_char);
+    fn darkroom_group_norm(
+        xs: *const c_void,
+        shift: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        groups: i64,
+        eps: f64,
+        silu: bool,
+        error: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn darkroom_geglu(input: *const c_void, error: *mut *mut c_char) -> *mut c_void;
 }
 
 /// Runs one shim call with an error slot; a set slot becomes [`EngineError::Cuda`].
@@ -229,4 +243,73 @@ pub fn set_attention_kernels(kernels: AttentionKernels) -> Result<()> {
     call("attention kernels", |e| unsafe {
         darkroom_cuda_set_attention(fa3, cudnn_first, e)
     })
+}
+
+/// The fused kernels' CUDA source (compiled by NVRTC for the device at run time).
+const KERNELS_SOURCE: &CStr = {
+    match CStr::from_bytes_until_nul(concat!(include_str!("../csrc/kernels.cu"), "\0").as_bytes()) {
+        Ok(source) => source,
+        Err(_) => panic!("csrc/kernels.cu contains a NUL byte"),
+    }
+};
+
+/// Compiles the fused kernels (`csrc/kernels.cu`) for CUDA device `device`'s architecture and
+/// loads them; once per architecture (about a second), later calls return at once.
+pub fn load_fused_kernels(device: usize) -> Result<()> {
+    let device = i32::try_from(device).unwrap_or(i32::MAX);
+    // SAFETY: the source is a NUL-terminated static string.
+    call("fused kernels", |e| unsafe {
+        darkroom_kernels_load(device, KERNELS_SOURCE.as_ptr(), e)
+    })
+}
+
+/// Takes ownership of a tensor the shim allocated (null: the shim reported an error instead).
+fn owned_tensor(what: &'static str, raw: *mut c_void) -> Result<Tensor> {
+    if raw.is_null() {
+        return Err(EngineError::Cuda {
+            what,
+            message: "the shim returned no tensor".to_owned(),
+        });
+    }
+    // SAFETY: the shim returns a `new at::Tensor`, tch's tensor handle, owned by nobody else.
+    Ok(unsafe { Tensor::from_ptr(raw.cast()) })
+}
+
+/// GroupNorm of `xs` `[n, c, ...]` (contiguous, on a CUDA device whose kernels are loaded), with
+/// `shift` `[n, c]` added per channel first and SiLU applied after when asked: two kernels (the
+/// statistics, then normalisation and activation) in place of libtorch's four or five.
+pub fn fused_group_norm(
+    xs: &Tensor,
+    shift: Option<&Tensor>,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: i64,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let shift = shift.map_or(std::ptr::null(), |s| s.as_ptr().cast::<c_void>());
+    // SAFETY: every pointer is a live tch tensor handle (or null for no shift), only read.
+    let raw = call("fused group norm", |e| unsafe {
+        darkroom_group_norm(
+            xs.as_ptr().cast(),
+            shift,
+            weight.as_ptr().cast(),
+            bias.as_ptr().cast(),
+            groups,
+            eps,
+            silu,
+            e,
+        )
+    })?;
+    owned_tensor("fused group norm", raw)
+}
+
+/// GEGLU of `input` `[..., 2 × inner]` (contiguous, CUDA): the first half times the exact GELU
+/// of the second, `[..., inner]`, in one kernel.
+pub fn fused_geglu(input: &Tensor) -> Result<Tensor> {
+    // SAFETY: `input` is a live tch tensor handle, only read.
+    let raw = call("fused geglu", |e| unsafe {
+        darkroom_geglu(input.as_ptr().cast(), e)
+    })?;
+    owned_tensor("fused geglu", raw)
 }

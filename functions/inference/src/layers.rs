@@ -1,10 +1,12 @@
-//! `tch::nn` layer builders shared by every model component.
+//! `tch::nn` layer builders shared by every model component, and the GroupNorm they share.
 //!
 //! Parameters start at zero (a fill: no random generator, no cost beyond the allocation) or,
 //! for norms, at tch's constant defaults: the checkpoint provides every value, and drawing
 //! random initial values for 3.5 B parameters only to overwrite them would dominate a CPU load.
 
-use tch::nn;
+use tch::{Tensor, nn};
+
+use crate::kernels;
 
 const ZERO: nn::Init = nn::Init::Const(0.0);
 
@@ -90,17 +92,44 @@ pub(crate) fn conv_transpose2d(
     )
 }
 
-/// An affine GroupNorm.
-pub(crate) fn group_norm(path: nn::Path, groups: i64, channels: i64, eps: f64) -> nn::GroupNorm {
-    nn::group_norm(
-        path,
-        groups,
-        channels,
-        nn::GroupNormConfig {
+/// An affine GroupNorm (diffusers' `nn.GroupNorm` parameters `weight` and `bias`), which can
+/// also add a per-channel shift first and apply SiLU after: the residual blocks' sequence, which
+/// [`crate::kernels`] runs fused on CUDA when asked.
+#[derive(Debug)]
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// `weight` (ones) and `bias` (zeros) of `channels` values under `path`.
+    pub(crate) fn new(path: nn::Path, groups: i64, channels: i64, eps: f64) -> Self {
+        Self {
+            weight: path.var("weight", &[channels], nn::Init::Const(1.0)),
+            bias: path.var("bias", &[channels], ZERO),
+            groups,
             eps,
-            ..Default::default()
-        },
-    )
+        }
+    }
+
+    /// `[n, c, ...]` normalised per sample and group of channels, then scaled and shifted.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
+        self.forward_with(xs, None, false)
+    }
+
+    /// `silu(norm(xs))`.
+    pub(crate) fn forward_silu(&self, xs: &Tensor) -> Tensor {
+        self.forward_with(xs, None, true)
+    }
+
+    /// `act(norm(xs + shift))` with `shift` `[n, c]` added to each channel; `act` is SiLU when
+    /// `silu`, else the identity.
+    pub(crate) fn forward_with(&self, xs: &Tensor, shift: Option<&Tensor>, silu: bool) -> Tensor {
+        let affine = (&self.weight, &self.bias);
+        kernels::group_norm(xs, shift, affine, self.groups, self.eps, silu)
+    }
 }
 
 /// An affine LayerNorm over the last dimension.

@@ -10,7 +10,8 @@
 //! photo: [`depth`] (Depth Anything) and [`pose`] (the OpenPose body model). [`pipeline`] puts them
 //! together (txt2img, img2img,
 //! ControlNets, LoRA sets). With the `cuda` feature, `cuda` binds what `tch` lacks (CUDA graphs,
-//! allocator statistics), and the pipeline replays each denoising step as a recorded CUDA graph.
+//! allocator statistics, NVRTC-compiled kernels), the pipeline replays each denoising step as a
+//! recorded CUDA graph, and [`kernels`] can run GroupNorm+SiLU and GEGLU as fused kernels.
 
 use std::path::PathBuf;
 
@@ -20,6 +21,7 @@ pub mod controlnet;
 pub mod cuda;
 pub mod depth;
 pub mod device;
+pub mod kernels;
 mod layers;
 pub mod loader;
 pub mod lora;

@@ -130,12 +130,60 @@ struct Args {
     /// Time Darkroom alone (no diffusers run; the table has no ratios).
     #[arg(long)]
     no_diffusers: bool,
-    /// Also time Darkroom with CUDA graphs off, on the same loaded pipeline (a third row).
+    /// Also time Darkroom with CUDA graphs off, on the same loaded pipeline (another row).
     #[arg(long)]
     also_eager: bool,
-    /// Save each side's last image here (darkroom.png, diffusers.png, darkroom-eager.png).
+    /// Darkroom's GroupNorm+SiLU and GEGLU kernels on CUDA: libtorch's (`stock`) or Darkroom's
+    /// fused ones (`fused`, compiled with NVRTC at start).
+    #[arg(long, value_enum, default_value_t = Kernels::Stock)]
+    kernels: Kernels,
+    /// Also time Darkroom with the other `--kernels` choice, on the same loaded pipeline
+    /// (another row, and the pixel difference between the two).
+    #[arg(long)]
+    also_other_kernels: bool,
+    /// Save each side's last image here (darkroom.png, diffusers.png, and darkroom-eager.png,
+    /// darkroom-fused.png or darkroom-stock.png for the other rows).
     #[arg(long)]
     images: Option<PathBuf>,
+}
+
+/// Whose kernels run GroupNorm+SiLU and GEGLU (`darkroom_inference::kernels`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Kernels {
+    /// libtorch's.
+    Stock,
+    /// Darkroom's fused CUDA kernels.
+    Fused,
+}
+
+impl Kernels {
+    fn other(self) -> Self {
+        match self {
+            Kernels::Stock => Kernels::Fused,
+            Kernels::Fused => Kernels::Stock,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kernels::Stock => "stock",
+            Kernels::Fused => "fused",
+        }
+    }
+
+    /// Switches to these kernels, process-wide (the fused ones exist on CUDA builds only).
+    fn select(self, cuda_index: Option<usize>) -> anyhow::Result<()> {
+        match (self, cuda_index) {
+            (Kernels::Stock, _) => darkroom_inference::kernels::disable_fused_kernels(),
+            #[cfg(feature = "cuda")]
+            (Kernels::Fused, Some(index)) => {
+                darkroom_inference::kernels::enable_fused_kernels(index)?
+            }
+            (Kernels::Fused, _) => bail!("--kernels fused needs a CUDA build and --device cuda"),
+        }
+        Ok(())
+    }
 }
 
 /// The profile workload's inputs, shared by both sides.
@@ -145,6 +193,14 @@ struct ProfileInputs {
     lora: PathBuf,
     init: PathBuf,
     control: PathBuf,
+}
+
+/// Darkroom with one setting changed from the main row's.
+struct Variant {
+    /// `eager`, `fused` or `stock`.
+    name: &'static str,
+    side: Side,
+    image: image::RgbImage,
 }
 
 /// What one side measured.
@@ -241,8 +297,10 @@ fn main() -> anyhow::Result<()> {
     print_table(&args, &model, threads, &darkroom, diffusers.as_ref());
     if let Some(dir) = &args.images {
         darkroom.image.save(dir.join("darkroom.png"))?;
-        if let Some(image) = &darkroom.eager_image {
-            image.save(dir.join("darkroom-eager.png"))?;
+        for variant in &darkroom.variants {
+            variant
+                .image
+                .save(dir.join(format!("darkroom-{}.png", variant.name)))?;
         }
     }
     if let Some(path) = &args.json {
@@ -259,7 +317,11 @@ fn main() -> anyhow::Result<()> {
             "threads": threads,
             "model": model,
             "darkroom": darkroom.side,
-            "darkroom_eager": darkroom.eager,
+            "kernels": args.kernels,
+            "darkroom_variants": darkroom.variants.iter().map(|v| serde_json::json!({
+                "name": v.name,
+                "side": v.side,
+            })).collect::<Vec<_>>(),
             "cuda_graphs": darkroom.graphs,
             "darkroom_allocator": darkroom.allocator,
             "diffusers": diffusers.as_ref().map(|d| &d.0),
@@ -598,13 +660,12 @@ fn run_diffusers(
 
 /// What the Darkroom side measured.
 struct DarkroomRun {
-    /// Default settings (CUDA graphs on a GPU).
+    /// Default settings (CUDA graphs on a GPU) and `--kernels`.
     side: Side,
-    /// The same pipeline with CUDA graphs off (`--also-eager`).
-    eager: Option<Side>,
-    /// The last image of each.
+    /// Its last image.
     image: image::RgbImage,
-    eager_image: Option<image::RgbImage>,
+    /// The same pipeline with one setting changed (`--also-eager`, `--also-other-kernels`).
+    variants: Vec<Variant>,
     /// "on", "off" or why recording failed.
     graphs: String,
     /// The caching allocator's peaks over the default runs (CUDA builds on a GPU).
@@ -636,6 +697,7 @@ fn run_darkroom(
             other => bail!("--attention {other}: expected default, fa3 or cudnn"),
         })?;
     }
+    args.kernels.select(cuda_index)?;
     let memory = cuda_index.and_then(GpuMemoryPeak::start);
     let started = Instant::now();
     let options = LoadOptions {
@@ -744,20 +806,41 @@ fn run_darkroom(
         let stats = darkroom_inference::cuda::memory_stats(index)?;
         allocator = Some((stats.allocated, stats.peak_allocated, stats.peak_reserved));
     }
-    let (eager, eager_image) = if args.also_eager {
+    let mut variants = Vec::new();
+    if args.also_other_kernels {
+        let other = args.kernels.other();
+        other.select(cuda_index)?;
+        // Recorded graphs keep the kernels they were recorded with: record new ones.
+        #[cfg(feature = "cuda")]
+        pipeline.set_cuda_graphs(!args.no_cuda_graphs);
+        eprintln!(
+            "darkroom ({} kernels): warm-up + {} runs…",
+            other.name(),
+            args.runs
+        );
+        let (side, image) = timed(&pipeline)?;
+        variants.push(Variant {
+            name: other.name(),
+            side,
+            image,
+        });
+        args.kernels.select(cuda_index)?;
+    }
+    if args.also_eager {
         #[cfg(feature = "cuda")]
         pipeline.set_cuda_graphs(false);
         eprintln!("darkroom (eager): warm-up + {} runs…", args.runs);
         let (side, image) = timed(&pipeline)?;
-        (Some(side), Some(image))
-    } else {
-        (None, None)
-    };
+        variants.push(Variant {
+            name: "eager",
+            side,
+            image,
+        });
+    }
     Ok(DarkroomRun {
         side,
-        eager,
         image,
-        eager_image,
+        variants,
         graphs,
         allocator,
     })
@@ -872,9 +955,10 @@ fn print_table(
         None => println!("model: {}", model.display()),
     }
     println!(
-        "Darkroom: cuDNN autotuning {}, attention kernels {}",
+        "Darkroom: cuDNN autotuning {}, attention kernels {}, GroupNorm+SiLU/GEGLU kernels {}",
         if args.cudnn_benchmark { "on" } else { "off" },
-        args.attention
+        args.attention,
+        args.kernels.name()
     );
     println!();
     println!(
@@ -885,12 +969,12 @@ fn print_table(
         "|{:-<11}|{:->10}|{:->14}|{:->13}|{:->16}|{:->14}|",
         "", "", "", "", "", ""
     );
-    let mut rows = vec![("Darkroom", darkroom)];
-    if let Some(eager) = &run.eager {
-        rows.push(("D. eager", eager));
+    let mut rows = vec![("Darkroom".to_owned(), darkroom)];
+    for variant in &run.variants {
+        rows.push((format!("D. {}", variant.name), &variant.side));
     }
     if let Some((theirs, _)) = diffusers {
-        rows.push(("diffusers", theirs));
+        rows.push(("diffusers".to_owned(), theirs));
     }
     for (name, side) in rows {
         println!(
@@ -920,11 +1004,10 @@ fn print_table(
             println!("{label}: max pixel difference {max}/255, mean {mean:.3}/255.");
         }
     };
-    images(
-        "Darkroom graphs vs eager",
-        &run.image,
-        run.eager_image.as_ref(),
-    );
+    for variant in &run.variants {
+        let label = format!("Darkroom vs Darkroom {}", variant.name);
+        images(&label, &run.image, Some(&variant.image));
+    }
     if let Some(path) = args.images.as_ref().map(|d| d.join("diffusers.png"))
         && let Ok(theirs) = image::open(&path)
     {

@@ -7,7 +7,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use crate::layers;
+use crate::{kernels, layers};
 use tch::Tensor;
 use tch::nn::{self, Module};
 
@@ -270,10 +270,7 @@ impl FeedForward {
 
     /// `[.., dim]` → `[.., dim]`.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let projected = self.proj.forward(xs);
-        let halves = projected.chunk(2, -1);
-        let gated = &halves[0] * halves[1].gelu("none");
-        self.out.forward(&gated)
+        self.out.forward(&kernels::geglu(&self.proj.forward(xs)))
     }
 }
 
@@ -382,7 +379,7 @@ impl Projection {
 /// diffusers' `Transformer2DModel` on continuous input.
 #[derive(Debug)]
 pub struct Transformer2DModel {
-    norm: nn::GroupNorm,
+    norm: layers::GroupNorm,
     proj_in: Projection,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
@@ -406,7 +403,7 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: layers::group_norm(&path / "norm", c.norm_num_groups, c.in_channels, 1e-6),
+            norm: layers::GroupNorm::new(&path / "norm", c.norm_num_groups, c.in_channels, 1e-6),
             proj_in: Projection::new(
                 &path / "proj_in",
                 c.use_linear_projection,
@@ -446,17 +443,18 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, context);
         }
+        // `[b, h·w, c]` tokens seen as a `[b, c, h, w]` map (a view with channels-last strides).
         let to_map = |t: &Tensor| {
             let channels = t.size()[2];
             t.reshape([batch, height, width, channels])
                 .permute([0, 3, 1, 2])
-                .contiguous()
         };
-        let out = match &self.proj_out {
-            Projection::Linear(proj) => to_map(&proj.forward(&tokens)),
-            Projection::Conv(proj) => proj.forward(&to_map(&tokens)),
-        };
-        out + xs
+        match &self.proj_out {
+            // The residual addition reads the view directly: no separate transposing copy. `xs`
+            // comes first so that the sum has its (contiguous) layout.
+            Projection::Linear(proj) => xs + to_map(&proj.forward(&tokens)),
+            Projection::Conv(proj) => xs + proj.forward(&to_map(&tokens).contiguous()),
+        }
     }
 }
 
@@ -597,6 +595,34 @@ mod tests {
         assert_eq!(attention.remembered().len(), 1);
         attention.forget_context(&context);
         assert!(attention.remembered().is_empty());
+    }
+
+    /// The residual sum takes the input's layout, although the projection's output is a
+    /// channels-last view: the next GroupNorm (and the fused kernels) want a contiguous map.
+    #[test]
+    fn a_transformer_returns_a_contiguous_map_with_either_projection() {
+        for use_linear_projection in [true, false] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let config = Transformer2DModelConfig {
+                num_attention_heads: 2,
+                attention_head_dim: 8,
+                in_channels: 16,
+                num_layers: 1,
+                cross_attention_dim: Some(24),
+                norm_num_groups: 4,
+                use_linear_projection,
+            };
+            let transformer = Transformer2DModel::new(vs.root() / "t", &config).unwrap();
+            randomize(&vs);
+            let xs = Tensor::randn([2, 16, 3, 5], (Kind::Float, Device::Cpu));
+            let context = Tensor::randn([2, 7, 24], (Kind::Float, Device::Cpu));
+            let out = transformer.forward(&xs, Some(&context));
+            assert_eq!(out.size(), [2, 16, 3, 5]);
+            assert!(
+                out.is_contiguous(),
+                "linear projection: {use_linear_projection}"
+            );
+        }
     }
 
     #[test]

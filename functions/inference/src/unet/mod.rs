@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::layers::{conv2d, group_norm};
+use crate::layers::{GroupNorm, conv2d};
 use crate::{EngineError, Result};
 use attention::{Attention, Transformer2DModel};
 use embeddings::{TimestepEmbedding, Timesteps};
@@ -568,7 +568,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<DownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_act: Activation,
     conv_out: nn::Conv2D,
     num_upsamplers: u32,
@@ -669,7 +669,7 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(
+            conv_norm_out: GroupNorm::new(
                 &path / "conv_norm_out",
                 resnet.groups,
                 channels[0],
@@ -836,7 +836,9 @@ impl UNet2DConditionModel {
             hidden = block.forward(&hidden, &block_skips, &emb, context, upsample_size);
         }
 
-        let hidden = self.conv_act.forward(&self.conv_norm_out.forward(&hidden));
+        let hidden = match self.conv_act {
+            Activation::Silu => self.conv_norm_out.forward_silu(&hidden),
+        };
         Ok(self.conv_out.forward(&hidden))
     }
 }

@@ -35,10 +35,10 @@ pub struct ResnetBlock2DConfig {
 /// A pre-norm residual block conditioned on the time embedding: diffusers' `ResnetBlock2D`.
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
+    norm1: layers::GroupNorm,
     conv1: nn::Conv2D,
     time_emb_proj: Option<nn::Linear>,
-    norm2: nn::GroupNorm,
+    norm2: layers::GroupNorm,
     conv2: nn::Conv2D,
     conv_shortcut: Option<nn::Conv2D>,
     act: Activation,
@@ -71,10 +71,10 @@ impl ResnetBlock2D {
             )
         });
         Ok(Self {
-            norm1: layers::group_norm(&path / "norm1", c.groups, c.in_channels, c.eps),
+            norm1: layers::GroupNorm::new(&path / "norm1", c.groups, c.in_channels, c.eps),
             conv1: layers::conv2d(&path / "conv1", c.in_channels, c.out_channels, 3, 1, 1),
             time_emb_proj,
-            norm2: layers::group_norm(&path / "norm2", groups_out, c.out_channels, c.eps),
+            norm2: layers::GroupNorm::new(&path / "norm2", groups_out, c.out_channels, c.eps),
             conv2: layers::conv2d(&path / "conv2", c.out_channels, c.out_channels, 3, 1, 1),
             conv_shortcut,
             act: c.act,
@@ -83,29 +83,35 @@ impl ResnetBlock2D {
         })
     }
 
+    /// `act(norm(xs + shift))`, `shift` `[b, c]` per channel: one fused pass for SiLU.
+    fn norm_act(&self, norm: &layers::GroupNorm, xs: &Tensor, shift: Option<&Tensor>) -> Tensor {
+        match self.act {
+            Activation::Silu => norm.forward_with(xs, shift, true),
+        }
+    }
+
     /// `xs`: `[b, in, h, w]`; `temb`: `[b, temb_channels]` (the raw time embedding: the
     /// activation is applied here, as diffusers does). Returns `[b, out, h, w]`.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Tensor {
-        let hidden = self.act.forward(&self.norm1.forward(xs));
-        let hidden = self.conv1.forward(&hidden);
+        let hidden = self.conv1.forward(&self.norm_act(&self.norm1, xs, None));
+        // `[b, out]` or, scale-shift, `[b, 2 × out]`.
         let temb = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => Some(
-                proj.forward(&self.act.forward(temb))
-                    .unsqueeze(-1)
-                    .unsqueeze(-1),
-            ),
+            (Some(proj), Some(temb)) => Some(proj.forward(&self.act.forward(temb))),
             _ => None,
         };
         let hidden = match (self.time_embedding_norm, temb) {
-            (ResnetTimeScaleShift::Default, Some(temb)) => self.norm2.forward(&(hidden + temb)),
-            (ResnetTimeScaleShift::ScaleShift, Some(temb)) => {
-                let chunks = temb.chunk(2, 1);
-                let normed = self.norm2.forward(&hidden);
-                normed * (&chunks[0] + 1.0) + &chunks[1]
+            (ResnetTimeScaleShift::Default, temb) => {
+                self.norm_act(&self.norm2, &hidden, temb.as_ref())
             }
-            (_, None) => self.norm2.forward(&hidden),
+            (ResnetTimeScaleShift::ScaleShift, Some(temb)) => {
+                let chunks = temb.unsqueeze(-1).unsqueeze(-1).chunk(2, 1);
+                let normed = self.norm2.forward(&hidden);
+                self.act
+                    .forward(&(normed * (&chunks[0] + 1.0) + &chunks[1]))
+            }
+            (ResnetTimeScaleShift::ScaleShift, None) => self.norm_act(&self.norm2, &hidden, None),
         };
-        let hidden = self.conv2.forward(&self.act.forward(&hidden));
+        let hidden = self.conv2.forward(&hidden);
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs),
             None => xs.shallow_clone(),

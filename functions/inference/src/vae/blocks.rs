@@ -17,8 +17,8 @@ use crate::unet::{Activation, ResnetTimeScaleShift};
 /// The eps of every GroupNorm in the VAE (`resnet_eps=1e-6` in `vae.py`).
 const NORM_EPS: f64 = 1e-6;
 
-pub(crate) fn group_norm(path: nn::Path, groups: i64, channels: i64) -> nn::GroupNorm {
-    layers::group_norm(path, groups, channels, NORM_EPS)
+pub(crate) fn group_norm(path: nn::Path, groups: i64, channels: i64) -> layers::GroupNorm {
+    layers::GroupNorm::new(path, groups, channels, NORM_EPS)
 }
 
 /// A 3×3 convolution with padding 1 (size-preserving at stride 1).
@@ -53,7 +53,7 @@ fn resnet(
 /// `to_out.0` linear with bias, residual connection, `rescale_output_factor` 1.
 #[derive(Debug)]
 pub(crate) struct SpatialAttention {
-    group_norm: nn::GroupNorm,
+    group_norm: layers::GroupNorm,
     to_q: nn::Linear,
     to_k: nn::Linear,
     to_v: nn::Linear,

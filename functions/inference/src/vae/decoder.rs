@@ -2,7 +2,7 @@
 //!
 //! Upstream: `Decoder` in `diffusers/models/autoencoders/vae.py`, with `norm_type="group"`.
 
-use crate::Result;
+use crate::{Result, layers};
 use tch::Tensor;
 use tch::nn::{self, Module};
 
@@ -16,7 +16,7 @@ pub(crate) struct Decoder {
     conv_in: nn::Conv2D,
     mid_block: UNetMidBlock2D,
     up_blocks: Vec<UpDecoderBlock2D>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: layers::GroupNorm,
     conv_out: nn::Conv2D,
 }
 
@@ -64,7 +64,7 @@ impl Decoder {
             hidden = block.forward(&hidden);
         }
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&hidden).silu())
+            .forward(&self.conv_norm_out.forward_silu(&hidden))
     }
 
     /// The kind and device of the decoder's weights.

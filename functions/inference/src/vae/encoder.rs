@@ -2,7 +2,7 @@
 //!
 //! Upstream: `Encoder` in `diffusers/models/autoencoders/vae.py`, with `double_z=True`.
 
-use crate::Result;
+use crate::{Result, layers};
 use tch::Tensor;
 use tch::nn::{self, Module};
 
@@ -16,7 +16,7 @@ pub(crate) struct Encoder {
     conv_in: nn::Conv2D,
     down_blocks: Vec<DownEncoderBlock2D>,
     mid_block: UNetMidBlock2D,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: layers::GroupNorm,
     conv_out: nn::Conv2D,
 }
 
@@ -63,6 +63,6 @@ impl Encoder {
         }
         let hidden = self.mid_block.forward(&hidden);
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&hidden).silu())
+            .forward(&self.conv_norm_out.forward_silu(&hidden))
     }
 }

@@ -1,0 +1,268 @@
+// The fused kernels of csrc/kernels.cu: compiled by NVRTC for the device's architecture on first
+// use, loaded with the CUDA runtime's library API, and launched on libtorch's current stream, so
+// CUDA graphs record them like libtorch's own kernels. Tensors come from Rust as tch's handles
+// (`at::Tensor*`); results go back as new heap tensors that tch takes ownership of.
+// See src/kernels.rs for the Rust side and the conditions under which these are used.
+
+#include "shim.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <nvrtc.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using darkroom::guarded;
+
+constexpr int kThreads = 256;
+
+void check_cuda(cudaError_t rc, const char* what) {
+  TORCH_CHECK(rc == cudaSuccess, what, ": ", cudaGetErrorString(rc));
+}
+
+void check_nvrtc(nvrtcResult rc, const char* what) {
+  TORCH_CHECK(rc == NVRTC_SUCCESS, what, ": ", nvrtcGetErrorString(rc));
+}
+
+int attribute(cudaDeviceAttr which, int device) {
+  int value = 0;
+  check_cuda(cudaDeviceGetAttribute(&value, which, device), "cudaDeviceGetAttribute");
+  return value;
+}
+
+// The kernels compiled for one compute capability, and what launches need of each device.
+struct Library {
+  cudaLibrary_t library = nullptr;
+  std::map<std::string, cudaKernel_t> kernels;
+};
+
+std::mutex mutex;
+std::map<int, Library> libraries;        // by compute capability (major × 10 + minor)
+std::map<int, int> capability_of;       // device → compute capability
+std::map<int, int> multiprocessors_of;  // device → streaming multiprocessors
+
+// The options scripts/compile_kernels.py checks the source with (keep in step).
+std::vector<char> compile(const char* source, int capability) {
+  nvrtcProgram program;
+  check_nvrtc(nvrtcCreateProgram(&program, source, "kernels.cu", 0, nullptr, nullptr),
+              "nvrtcCreateProgram");
+  const std::string arch = "--gpu-architecture=sm_" + std::to_string(capability);
+  const char* options[] = {"--std=c++17", arch.c_str()};
+  const nvrtcResult compiled = nvrtcCompileProgram(program, 2, options);
+  size_t size = 0;
+  std::string log;
+  if (nvrtcGetProgramLogSize(program, &size) == NVRTC_SUCCESS && size > 1) {
+    log.resize(size);
+    nvrtcGetProgramLog(program, log.data());
+  }
+  std::vector<char> cubin;
+  if (compiled == NVRTC_SUCCESS && nvrtcGetCUBINSize(program, &size) == NVRTC_SUCCESS) {
+    cubin.resize(size);
+    if (nvrtcGetCUBIN(program, cubin.data()) != NVRTC_SUCCESS) cubin.clear();
+  }
+  nvrtcDestroyProgram(&program);
+  TORCH_CHECK(compiled == NVRTC_SUCCESS, "NVRTC cannot compile the fused kernels for sm_",
+              capability, " (", nvrtcGetErrorString(compiled), "):\n", log);
+  TORCH_CHECK(!cubin.empty(), "NVRTC gave no binary for sm_", capability);
+  return cubin;
+}
+
+// Compiles and loads the kernels for `device`'s architecture unless already loaded.
+void load(int device, const char* source) {
+  std::lock_guard<std::mutex> lock(mutex);
+  if (capability_of.count(device) == 0) {
+    capability_of[device] = attribute(cudaDevAttrComputeCapabilityMajor, device) * 10 +
+                            attribute(cudaDevAttrComputeCapabilityMinor, device);
+    multiprocessors_of[device] = attribute(cudaDevAttrMultiProcessorCount, device);
+  }
+  const int capability = capability_of[device];
+  if (libraries.count(capability) != 0) return;
+  const std::vector<char> cubin = compile(source, capability);
+  Library library;
+  check_cuda(cudaLibraryLoadData(&library.library, cubin.data(), nullptr, nullptr, 0, nullptr,
+                                 nullptr, 0),
+             "cudaLibraryLoadData");
+  libraries.emplace(capability, std::move(library));
+}
+
+// The kernel `name` for `device` and the device's multiprocessor count.
+std::pair<cudaKernel_t, int> kernel(int device, const std::string& name) {
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto capability = capability_of.find(device);
+  TORCH_CHECK(capability != capability_of.end(),
+              "the fused kernels are not loaded for cuda:", device);
+  Library& library = libraries.at(capability->second);
+  auto found = library.kernels.find(name);
+  if (found == library.kernels.end()) {
+    cudaKernel_t handle = nullptr;
+    check_cuda(cudaLibraryGetKernel(&handle, library.library, name.c_str()),
+               "cudaLibraryGetKernel");
+    found = library.kernels.emplace(name, handle).first;
+  }
+  return {found->second, multiprocessors_of.at(device)};
+}
+
+const char* type_suffix(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return "f32";
+    case at::kHalf:
+      return "f16";
+    case at::kBFloat16:
+      return "bf16";
+    default:
+      TORCH_CHECK(false, "fused kernels take f32, f16 or bf16 tensors, not ", t.scalar_type());
+  }
+}
+
+bool aligned(const at::Tensor& t) {
+  return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type(), name,
+              " must be on the input's device with its dtype");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void launch(const std::pair<cudaKernel_t, int>& kernel, dim3 grid, void** args) {
+  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel.first), grid, dim3(kThreads),
+                              args, 0, c10::cuda::getCurrentCUDAStream().stream()),
+             "cudaLaunchKernel");
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+at::Tensor group_norm(const at::Tensor& x, const at::Tensor* shift, const at::Tensor& weight,
+                      const at::Tensor& bias, int64_t groups, double eps, bool silu) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() >= 2,
+              "group norm: the input must be a contiguous CUDA tensor [n, c, ...]");
+  const int64_t samples = x.size(0);
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(groups > 0 && channels % groups == 0, "group norm: ", channels,
+              " channels do not split into ", groups, " groups");
+  check_like(weight, x, "group norm weight");
+  check_like(bias, x, "group norm bias");
+  TORCH_CHECK(weight.numel() == channels && bias.numel() == channels,
+              "group norm: weight and bias must have one value per channel");
+  if (shift != nullptr) {
+    check_like(*shift, x, "group norm shift");
+    TORCH_CHECK(shift->dim() == 2 && shift->size(0) == samples && shift->size(1) == channels,
+                "group norm: the shift must be [n, c]");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return y;
+  const int64_t spatial = x.numel() / (samples * channels);
+  const int64_t slabs = samples * groups;
+  TORCH_CHECK(slabs <= 65535, "group norm: at most 65535 (sample, group) pairs");
+  const int64_t vector = 16 / static_cast<int64_t>(x.element_size());
+  const bool vectorized = spatial % vector == 0 && aligned(x) && aligned(y) &&
+                          (shift == nullptr || aligned(*shift));
+  const int64_t width = vectorized ? vector : 1;
+  const int64_t slab_vectors = channels / groups * spatial / width;
+  const std::string suffix = std::string(type_suffix(x)) + (vectorized ? "_vec" : "_scalar");
+  const int device = x.get_device();
+  const auto moments = kernel(device, "darkroom_group_norm_moments_" + suffix);
+  const auto apply = kernel(device, "darkroom_group_norm_apply_" + suffix);
+  // Enough blocks to fill the GPU (the statistics of a few dozen slabs would leave most
+  // multiprocessors idle with one block per slab), each thread still reading several vectors.
+  const int64_t parts = std::clamp<int64_t>(
+      std::min(ceil_div(4 * moments.second, slabs), slab_vectors / (2 * kThreads)), 1, 1024);
+  const int64_t apply_parts =
+      std::clamp<int64_t>(ceil_div(slab_vectors, 4 * kThreads), 1, 65535);
+  at::Tensor partial = at::empty({slabs * parts * 3}, x.options().dtype(at::kFloat));
+
+  const void* x_ptr = x.data_ptr();
+  const void* shift_ptr = shift != nullptr ? shift->data_ptr() : nullptr;
+  const void* weight_ptr = weight.data_ptr();
+  const void* bias_ptr = bias.data_ptr();
+  void* partial_ptr = partial.data_ptr();
+  void* y_ptr = y.data_ptr();
+  int channels_arg = static_cast<int>(channels);
+  int groups_arg = static_cast<int>(groups);
+  int parts_arg = static_cast<int>(parts);
+  float eps_arg = static_cast<float>(eps);
+  int silu_arg = silu ? 1 : 0;
+  int64_t spatial_arg = spatial;
+  void* moments_args[] = {&x_ptr, &shift_ptr, &partial_ptr, &spatial_arg, &channels_arg,
+                          &groups_arg};
+  launch(moments, dim3(static_cast<unsigned>(parts), static_cast<unsigned>(slabs)), moments_args);
+  void* apply_args[] = {&x_ptr,       &shift_ptr,    &weight_ptr, &bias_ptr,
+                        &partial_ptr, &y_ptr,        &spatial_arg, &channels_arg,
+                        &groups_arg,  &parts_arg,    &eps_arg,    &silu_arg};
+  launch(apply, dim3(static_cast<unsigned>(apply_parts), static_cast<unsigned>(slabs)),
+         apply_args);
+  return y;
+}
+
+at::Tensor geglu(const at::Tensor& input) {
+  TORCH_CHECK(input.is_cuda() && input.is_contiguous() && input.dim() >= 1 &&
+                  input.size(-1) % 2 == 0,
+              "geglu: the input must be a contiguous CUDA tensor [..., 2 × inner]");
+  const c10::cuda::CUDAGuard guard(input.device());
+  std::vector<int64_t> sizes = input.sizes().vec();
+  const int64_t inner = sizes.back() / 2;
+  sizes.back() = inner;
+  at::Tensor out = at::empty(sizes, input.options());
+  if (out.numel() == 0) return out;
+  const int64_t rows = out.numel() / inner;
+  const int64_t vector = 16 / static_cast<int64_t>(input.element_size());
+  const bool vectorized = inner % vector == 0 && aligned(input) && aligned(out);
+  const int64_t vectors = out.numel() / (vectorized ? vector : 1);
+  const std::string name = std::string("darkroom_geglu_") + type_suffix(input) +
+                           (vectorized ? "_vec" : "_scalar");
+  const auto geglu = kernel(input.get_device(), name);
+  const int64_t blocks = std::clamp<int64_t>(ceil_div(vectors, kThreads), 1, 32 * geglu.second);
+  const void* in_ptr = input.data_ptr();
+  void* out_ptr = out.data_ptr();
+  int64_t rows_arg = rows;
+  int64_t inner_arg = inner;
+  void* args[] = {&in_ptr, &out_ptr, &rows_arg, &inner_arg};
+  launch(geglu, dim3(static_cast<unsigned>(blocks)), args);
+  return out;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Compiles (NVRTC) and loads the kernels of `source` for cuda:`device`'s architecture, once per
+// architecture; later calls return at once.
+void darkroom_kernels_load(int32_t device, const char* source, char** error) {
+  guarded(error, [&] { load(device, source); });
+}
+
+// GroupNorm of `x` [n, c, ...] (plus `shift` [n, c] per channel when not null), then SiLU when
+// `silu`; returns a new tensor, or null with `*error` set.
+void* darkroom_group_norm(const void* x, const void* shift, const void* weight, const void* bias,
+                          int64_t groups, double eps, bool silu, char** error) {
+  at::Tensor* result = nullptr;
+  guarded(error, [&] {
+    result = new at::Tensor(group_norm(
+        *static_cast<const at::Tensor*>(x), static_cast<const at::Tensor*>(shift),
+        *static_cast<const at::Tensor*>(weight), *static_cast<const at::Tensor*>(bias), groups,
+        eps, silu));
+  });
+  return result;
+}
+
+// GEGLU of `input` [..., 2 × inner] → [..., inner]; a new tensor, or null with `*error` set.
+void* darkroom_geglu(const void* input, char** error) {
+  at::Tensor* result = nullptr;
+  guarded(error, [&] { result = new at::Tensor(geglu(*static_cast<const at::Tensor*>(input))); });
+  return result;
+}
+
+}  // extern "C"

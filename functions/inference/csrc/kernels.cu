@@ -1,0 +1,277 @@
+// Fused CUDA kernels for sequences libtorch runs as several kernels, each a full pass over
+// memory: GroupNorm (statistics, fused parameters, apply) followed by SiLU, with the time
+// embedding's per-channel addition before it; and GEGLU (GELU of one half, times the other).
+//
+// Compiled at run time by NVRTC (csrc/cuda_graph.cpp, `darkroom_kernels_load`) for the device's
+// architecture, so this file includes nothing: half-precision conversions are written out here.
+// Every kernel computes in f32 and rounds once on the way out. `reference/compile_kernels.py`
+// compiles it without a GPU (a test runs it), so syntax errors never reach a GPU session.
+//
+// Layout: GroupNorm takes `[n, c, *spatial]` contiguous tensors, where each (sample, group) is
+// one contiguous slab of `c / groups × spatial` elements; GEGLU takes `[rows, 2 × inner]`.
+// Kernels whose name ends in `_vec` read and write 16 bytes at a time: the host picks them only
+// when `spatial` (GroupNorm) or `inner` (GEGLU) is a multiple of the vector width and every
+// pointer is 16-byte aligned.
+
+typedef unsigned short bits16;
+typedef long long i64;
+
+struct Float32 {
+  typedef float Storage;
+  static __device__ __forceinline__ float load(float v) { return v; }
+  static __device__ __forceinline__ float store(float v) { return v; }
+};
+
+struct Float16 {
+  typedef bits16 Storage;
+  static __device__ __forceinline__ float load(bits16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+  }
+  static __device__ __forceinline__ bits16 store(float f) {
+    bits16 v;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+    return v;
+  }
+};
+
+struct BFloat16 {
+  typedef bits16 Storage;
+  static __device__ __forceinline__ float load(bits16 v) {
+    return __uint_as_float(static_cast<unsigned>(v) << 16);
+  }
+  // Round to nearest even, NaN kept quiet: libtorch's rounding for bf16.
+  static __device__ __forceinline__ bits16 store(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      return static_cast<bits16>((u >> 16) | 0x40u);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<bits16>(u >> 16);
+  }
+};
+
+// `V` consecutive elements as f32; one 16-byte transaction when `V` elements are 16 bytes.
+template <class E, int V>
+__device__ __forceinline__ void load_vector(const typename E::Storage* p, float (&out)[V]) {
+  typedef typename E::Storage S;
+  if constexpr (V * sizeof(S) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const S* s = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = E::load(s[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = E::load(p[k]);
+  }
+}
+
+template <class E, int V>
+__device__ __forceinline__ void store_vector(typename E::Storage* p, const float (&in)[V]) {
+  typedef typename E::Storage S;
+  if constexpr (V * sizeof(S) == 16) {
+    uint4 raw;
+    S* s = reinterpret_cast<S*>(&raw);
+#pragma unroll
+    for (int k = 0; k < V; ++k) s[k] = E::store(in[k]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = E::store(in[k]);
+  }
+}
+
+// Count, mean and sum of squared deviations of a set of values (Welford), merged with Chan et
+// al.'s formula: stable where E[x²] − E[x]² would cancel.
+struct Moments {
+  float count, mean, m2;
+};
+
+__device__ __forceinline__ Moments merge(Moments a, Moments b) {
+  const float count = a.count + b.count;
+  if (count == 0.f) return a;
+  const float delta = b.mean - a.mean;
+  const float weight = b.count / count;
+  return {count, a.mean + delta * weight, a.m2 + b.m2 + delta * delta * a.count * weight};
+}
+
+// Lane 0 ends up with the warp's moments.
+__device__ __forceinline__ Moments merge_warp(Moments m) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const Moments other = {__shfl_down_sync(0xffffffffu, m.count, offset),
+                           __shfl_down_sync(0xffffffffu, m.mean, offset),
+                           __shfl_down_sync(0xffffffffu, m.m2, offset)};
+    m = merge(m, other);
+  }
+  return m;
+}
+
+// Thread 0 ends up with the block's moments (blockDim.x a multiple of 32, at most 1024).
+__device__ __forceinline__ Moments merge_block(Moments m) {
+  __shared__ Moments warps[32];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  m = merge_warp(m);
+  if (lane == 0) warps[warp] = m;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < static_cast<int>(blockDim.x / 32) ? warps[lane] : Moments{0.f, 0.f, 0.f};
+    m = merge_warp(m);
+  }
+  return m;
+}
+
+// The slab of (sample, group) `blockIdx.y` is cut into `gridDim.x` parts of whole vectors.
+__device__ __forceinline__ void part_of_slab(i64 slab, int vector, i64* begin, i64* end) {
+  const i64 parts = gridDim.x;
+  const i64 vectors = (slab / vector + parts - 1) / parts;
+  *begin = blockIdx.x * vectors * vector;
+  *end = min(*begin + vectors * vector, slab);
+}
+
+// Pass 1: the moments of each part of each slab, into `partial[(sample·groups + group)·parts +
+// part]` as (count, mean, m2). `shift` (may be null): `[n, c]`, added to every element of its
+// channel before the statistics, as the apply pass will.
+template <class E, int V>
+__device__ void group_norm_moments(const typename E::Storage* x, const typename E::Storage* shift,
+                                   float* partial, i64 spatial, int channels, int groups) {
+  const int slab_index = blockIdx.y;
+  const int sample = slab_index / groups;
+  const int group = slab_index % groups;
+  const int group_channels = channels / groups;
+  const i64 slab = static_cast<i64>(group_channels) * spatial;
+  const typename E::Storage* values = x + slab_index * slab;
+  i64 begin, end;
+  part_of_slab(slab, V, &begin, &end);
+  Moments m = {0.f, 0.f, 0.f};
+  for (i64 i = begin + static_cast<i64>(threadIdx.x) * V; i < end;
+       i += static_cast<i64>(blockDim.x) * V) {
+    float v[V];
+    load_vector<E, V>(values + i, v);
+    float add = 0.f;
+    if (shift != nullptr) {
+      add = E::load(shift[sample * channels + group * group_channels + i / spatial]);
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      v[k] += add;
+      sum += v[k];
+    }
+    const float mean = sum / V;
+    float m2 = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+    m = merge(m, Moments{static_cast<float>(V), mean, m2});
+  }
+  m = merge_block(m);
+  if (threadIdx.x == 0) {
+    float* out = partial + (static_cast<i64>(slab_index) * gridDim.x + blockIdx.x) * 3;
+    out[0] = m.count;
+    out[1] = m.mean;
+    out[2] = m.m2;
+  }
+}
+
+// Pass 2: merges the slab's `parts` moments, then writes
+// `y = act((x + shift) · rstd · weight + bias − mean · rstd · weight)` for its part of the slab;
+// `act` is SiLU when `silu` is non-zero, else the identity.
+template <class E, int V>
+__device__ void group_norm_apply(const typename E::Storage* x, const typename E::Storage* shift,
+                                 const typename E::Storage* weight,
+                                 const typename E::Storage* bias, const float* partial,
+                                 typename E::Storage* y, i64 spatial, int channels, int groups,
+                                 int parts, float eps, int silu) {
+  __shared__ float shared_mean, shared_rstd;
+  const int slab_index = blockIdx.y;
+  const int sample = slab_index / groups;
+  const int group = slab_index % groups;
+  const int group_channels = channels / groups;
+  const i64 slab = static_cast<i64>(group_channels) * spatial;
+  if (threadIdx.x < 32) {
+    Moments m = {0.f, 0.f, 0.f};
+    for (int p = threadIdx.x; p < parts; p += 32) {
+      const float* q = partial + (static_cast<i64>(slab_index) * parts + p) * 3;
+      m = merge(m, Moments{q[0], q[1], q[2]});
+    }
+    m = merge_warp(m);
+    if (threadIdx.x == 0) {
+      shared_mean = m.mean;
+      shared_rstd = rsqrtf(fmaxf(m.m2 / m.count, 0.f) + eps);
+    }
+  }
+  __syncthreads();
+  const float mean = shared_mean;
+  const float rstd = shared_rstd;
+  const typename E::Storage* values = x + slab_index * slab;
+  typename E::Storage* out = y + slab_index * slab;
+  i64 begin, end;
+  part_of_slab(slab, V, &begin, &end);
+  for (i64 i = begin + static_cast<i64>(threadIdx.x) * V; i < end;
+       i += static_cast<i64>(blockDim.x) * V) {
+    const int channel = group * group_channels + static_cast<int>(i / spatial);
+    const float scale = rstd * E::load(weight[channel]);
+    float offset = E::load(bias[channel]) - mean * scale;
+    if (shift != nullptr) offset += E::load(shift[sample * channels + channel]) * scale;
+    float v[V];
+    load_vector<E, V>(values + i, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float normed = v[k] * scale + offset;
+      v[k] = silu != 0 ? normed / (1.f + expf(-normed)) : normed;
+    }
+    store_vector<E, V>(out + i, v);
+  }
+}
+
+// `out[r, j] = in[r, j] · gelu(in[r, inner + j])` with the exact (erf) GELU.
+template <class E, int V>
+__device__ void geglu(const typename E::Storage* in, typename E::Storage* out, i64 rows,
+                      i64 inner) {
+  const i64 vectors = rows * inner / V;
+  for (i64 k = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x; k < vectors;
+       k += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const i64 i = k * V;
+    const i64 row = i / inner;
+    const i64 column = i - row * inner;
+    const typename E::Storage* source = in + row * 2 * inner + column;
+    float hidden[V], gate[V];
+    load_vector<E, V>(source, hidden);
+    load_vector<E, V>(source + inner, gate);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float g = gate[j];
+      hidden[j] *= 0.5f * g * (1.f + erff(g * 0.70710678118654752f));
+    }
+    store_vector<E, V>(out + i, hidden);
+  }
+}
+
+#define DARKROOM_KERNELS(E, NAME, V, SUFFIX)                                                    \
+  extern "C" __global__ void __launch_bounds__(256)                                            \
+      darkroom_group_norm_moments_##NAME##SUFFIX(const E::Storage* x, const E::Storage* shift, \
+                                                 float* partial, i64 spatial, int channels,    \
+                                                 int groups) {                                 \
+    group_norm_moments<E, V>(x, shift, partial, spatial, channels, groups);                    \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256) darkroom_group_norm_apply_##NAME##SUFFIX(  \
+      const E::Storage* x, const E::Storage* shift, const E::Storage* weight,                  \
+      const E::Storage* bias, const float* partial, E::Storage* y, i64 spatial, int channels,  \
+      int groups, int parts, float eps, int silu) {                                            \
+    group_norm_apply<E, V>(x, shift, weight, bias, partial, y, spatial, channels, groups,      \
+                           parts, eps, silu);                                                  \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256)                                            \
+      darkroom_geglu_##NAME##SUFFIX(const E::Storage* in, E::Storage* out, i64 rows,           \
+                                    i64 inner) {                                               \
+    geglu<E, V>(in, out, rows, inner);                                                         \
+  }
+
+DARKROOM_KERNELS(Float32, f32, 4, _vec)
+DARKROOM_KERNELS(Float32, f32, 1, _scalar)
+DARKROOM_KERNELS(Float16, f16, 8, _vec)
+DARKROOM_KERNELS(Float16, f16, 1, _scalar)
+DARKROOM_KERNELS(BFloat16, bf16, 8, _vec)
+DARKROOM_KERNELS(BFloat16, bf16, 1, _scalar)

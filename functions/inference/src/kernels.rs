@@ -1,0 +1,129 @@
+//! Fused kernels in place of sequences libtorch runs as separate kernels, each a full pass over
+//! memory: GroupNorm followed by SiLU (with the time embedding's per-channel addition before it,
+//! as every UNet residual block does) and GEGLU (the transformer blocks' feed-forward gate).
+//!
+//! The model code calls them through [`crate::layers::GroupNorm`] and [`geglu`]; they run the fused CUDA kernels
+//! (`csrc/kernels.cu`, through [`crate::cuda`]) when those are switched on and the tensors suit
+//! them, and otherwise the same libtorch operations as before, so CPU results are unchanged. The
+//! fused kernels are off by default: a CUDA build turns them on with [`enable_fused_kernels`]
+//! (`darkroom-bench --kernels fused`); they compute in f32 and round once, so their results
+//! differ from libtorch's by rounding only (`examples/fused_kernels.rs` measures both).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[cfg(any(test, feature = "cuda"))]
+use tch::Kind;
+use tch::Tensor;
+
+static FUSED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the fused kernels replace libtorch's on CUDA tensors (process-wide; off by default).
+pub fn fused_kernels() -> bool {
+    FUSED.load(Ordering::Relaxed)
+}
+
+/// Compiles the fused kernels for CUDA device `device` and uses them from now on, process-wide.
+/// Already recorded CUDA graphs keep the kernels they were recorded with.
+///
+/// # Errors
+/// [`crate::EngineError::Cuda`] when NVRTC cannot compile them for the device's architecture.
+#[cfg(feature = "cuda")]
+pub fn enable_fused_kernels(device: usize) -> crate::Result<()> {
+    crate::cuda::load_fused_kernels(device)?;
+    FUSED.store(true, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Goes back to libtorch's kernels, process-wide.
+pub fn disable_fused_kernels() {
+    FUSED.store(false, Ordering::Relaxed);
+}
+
+/// `act(group_norm(xs + shift))`: `shift` `[n, c]` is added to every element of its channel of
+/// `xs` `[n, c, ...]`; `act` is SiLU when `silu`, else the identity; `weight` and `bias` `[c]`.
+pub fn group_norm(
+    xs: &Tensor,
+    shift: Option<&Tensor>,
+    (weight, bias): (&Tensor, &Tensor),
+    groups: i64,
+    eps: f64,
+    silu: bool,
+) -> Tensor {
+    #[cfg(feature = "cuda")]
+    {
+        let same_kind = |t: &Tensor| t.kind() == xs.kind() && t.is_contiguous();
+        let fused = suits_fused(xs)
+            && xs.dim() >= 2
+            && same_kind(weight)
+            && same_kind(bias)
+            && shift.is_none_or(|s| same_kind(s) && s.dim() == 2);
+        if fused {
+            return crate::cuda::fused_group_norm(xs, shift, weight, bias, groups, eps, silu)
+                .unwrap_or_else(|e| panic!("fused GroupNorm kernel: {e}"));
+        }
+    }
+    let shifted;
+    let input = match shift {
+        Some(shift) => {
+            let mut size = shift.size();
+            size.resize(xs.dim(), 1);
+            shifted = xs + shift.view(size.as_slice());
+            &shifted
+        }
+        None => xs,
+    };
+    let normed = input.group_norm(groups, Some(weight), Some(bias), eps, true);
+    if silu { normed.silu() } else { normed }
+}
+
+/// GEGLU: `[..., 2 × inner]` → the first half times the exact GELU of the second.
+pub fn geglu(projected: &Tensor) -> Tensor {
+    #[cfg(feature = "cuda")]
+    if suits_fused(projected) && projected.size().last().is_some_and(|d| d % 2 == 0) {
+        return crate::cuda::fused_geglu(projected)
+            .unwrap_or_else(|e| panic!("fused GEGLU kernel: {e}"));
+    }
+    let halves = projected.chunk(2, -1);
+    &halves[0] * halves[1].gelu("none")
+}
+
+/// On, on a CUDA device, contiguous, in a precision the kernels have. (A kernel failure then
+/// panics, as libtorch's operations do.)
+#[cfg(feature = "cuda")]
+fn suits_fused(xs: &Tensor) -> bool {
+    fused_kernels()
+        && xs.device().is_cuda()
+        && matches!(xs.kind(), Kind::Float | Kind::Half | Kind::BFloat16)
+        && xs.is_contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// The unfused path is libtorch's operations, step by step.
+    #[test]
+    fn without_fused_kernels_group_norm_is_libtorchs_norm_then_silu() {
+        let options = (Kind::Float, Device::Cpu);
+        let xs = Tensor::randn([2, 8, 3, 5], options);
+        let shift = Tensor::randn([2, 8], options);
+        let weight = Tensor::rand([8], options) + 0.5;
+        let bias = Tensor::randn([8], options);
+        let affine = (&weight, &bias);
+        let norm = |t: &Tensor| t.group_norm(4, Some(&weight), Some(&bias), 1e-6, true);
+        let expected = norm(&(&xs + shift.view([2, 8, 1, 1]))).silu();
+        let got = group_norm(&xs, Some(&shift), affine, 4, 1e-6, true);
+        assert!(got.equal(&expected));
+        assert!(group_norm(&xs, None, affine, 4, 1e-6, false).equal(&norm(&xs)));
+    }
+
+    #[test]
+    fn without_fused_kernels_geglu_gates_the_first_half_with_the_second() {
+        let projected = Tensor::from_slice(&[2.0f32, -1.0, 1.0, 0.0]).view([1, 4]);
+        let got = Vec::<f32>::try_from(geglu(&projected).view([-1])).expect("f32");
+        // gelu(1) = 0.841345; gelu(0) = 0.
+        assert!((got[0] - 2.0 * 0.841_344_7).abs() < 1e-6, "{got:?}");
+        assert_eq!(got[1], 0.0);
+    }
+}
