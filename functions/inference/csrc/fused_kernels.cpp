@@ -4,6 +4,7 @@
 // (`at::Tensor*`); results go back as new heap tensors that tch takes ownership of.
 // See src/kernels.rs for the Rust side and the conditions under which these are used.
 
+#include "launch.h"
 #include "shim.h"
 
 #include <ATen/core/Tensor.h>
@@ -24,8 +25,7 @@
 namespace {
 
 using darkroom::guarded;
-
-constexpr int kThreads = 256;
+using darkroom::kThreads;
 
 void check_cuda(cudaError_t rc, const char* what) {
   TORCH_CHECK(rc == cudaSuccess, what, ": ", cudaGetErrorString(rc));
@@ -96,13 +96,24 @@ void load(int device, const char* source) {
   libraries.emplace(capability, std::move(library));
 }
 
-// The kernel `name` for `device` and the device's multiprocessor count.
-std::pair<cudaKernel_t, int> kernel(int device, const std::string& name) {
-  std::lock_guard<std::mutex> lock(mutex);
+// `device`'s compute capability; fails unless the kernels were loaded for it. Under `mutex`.
+int loaded_capability(int device) {
   const auto capability = capability_of.find(device);
   TORCH_CHECK(capability != capability_of.end(),
               "the fused kernels are not loaded for cuda:", device);
-  Library& library = libraries.at(capability->second);
+  return capability->second;
+}
+
+int64_t multiprocessors(int device) {
+  std::lock_guard<std::mutex> lock(mutex);
+  loaded_capability(device);
+  return multiprocessors_of.at(device);
+}
+
+// The kernel `name` for `device`.
+cudaKernel_t kernel(int device, const std::string& name) {
+  std::lock_guard<std::mutex> lock(mutex);
+  Library& library = libraries.at(loaded_capability(device));
   auto found = library.kernels.find(name);
   if (found == library.kernels.end()) {
     cudaKernel_t handle = nullptr;
@@ -110,7 +121,7 @@ std::pair<cudaKernel_t, int> kernel(int device, const std::string& name) {
                "cudaLibraryGetKernel");
     found = library.kernels.emplace(name, handle).first;
   }
-  return {found->second, multiprocessors_of.at(device)};
+  return found->second;
 }
 
 const char* type_suffix(const at::Tensor& t) {
@@ -136,13 +147,11 @@ void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-void launch(const std::pair<cudaKernel_t, int>& kernel, dim3 grid, void** args) {
-  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel.first), grid, dim3(kThreads),
+void launch(cudaKernel_t kernel, dim3 grid, void** args) {
+  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads),
                               args, 0, c10::cuda::getCurrentCUDAStream().stream()),
              "cudaLaunchKernel");
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 at::Tensor group_norm(const at::Tensor& x, const at::Tensor* shift, const at::Tensor& weight,
                       const at::Tensor& bias, int64_t groups, double eps, bool silu) {
@@ -165,23 +174,18 @@ at::Tensor group_norm(const at::Tensor& x, const at::Tensor* shift, const at::Te
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const int64_t spatial = x.numel() / (samples * channels);
-  const int64_t slabs = samples * groups;
-  TORCH_CHECK(slabs <= 65535, "group norm: at most 65535 (sample, group) pairs");
-  const int64_t vector = 16 / static_cast<int64_t>(x.element_size());
-  const bool vectorized = spatial % vector == 0 && aligned(x) && aligned(y) &&
-                          (shift == nullptr || aligned(*shift));
-  const int64_t width = vectorized ? vector : 1;
-  const int64_t slab_vectors = channels / groups * spatial / width;
-  const std::string suffix = std::string(type_suffix(x)) + (vectorized ? "_vec" : "_scalar");
+  TORCH_CHECK(samples * groups <= 65535, "group norm: at most 65535 (sample, group) pairs");
+  const bool all_aligned = aligned(x) && aligned(y) && (shift == nullptr || aligned(*shift));
+  const std::string dtype = type_suffix(x);
   const int device = x.get_device();
+  const darkroom::GroupNormPlan plan = darkroom::plan_group_norm(
+      samples, channels, groups, spatial, x.element_size(), all_aligned, multiprocessors(device));
+  const std::string suffix = dtype + (plan.vectorized ? "_vec" : "_scalar");
   const auto moments = kernel(device, "darkroom_group_norm_moments_" + suffix);
   const auto apply = kernel(device, "darkroom_group_norm_apply_" + suffix);
-  // Enough blocks to fill the GPU (the statistics of a few dozen slabs would leave most
-  // multiprocessors idle with one block per slab), each thread still reading several vectors.
-  const int64_t parts = std::clamp<int64_t>(
-      std::min(ceil_div(4 * moments.second, slabs), slab_vectors / (2 * kThreads)), 1, 1024);
-  const int64_t apply_parts =
-      std::clamp<int64_t>(ceil_div(slab_vectors, 4 * kThreads), 1, 65535);
+  const int64_t parts = plan.parts;
+  const int64_t slabs = plan.slabs;
+  const int64_t apply_parts = plan.apply_parts;
   at::Tensor partial = at::empty({slabs * parts * 3}, x.options().dtype(at::kFloat));
 
   const void* x_ptr = x.data_ptr();
@@ -218,13 +222,13 @@ at::Tensor geglu(const at::Tensor& input) {
   at::Tensor out = at::empty(sizes, input.options());
   if (out.numel() == 0) return out;
   const int64_t rows = out.numel() / inner;
-  const int64_t vector = 16 / static_cast<int64_t>(input.element_size());
-  const bool vectorized = inner % vector == 0 && aligned(input) && aligned(out);
-  const int64_t vectors = out.numel() / (vectorized ? vector : 1);
-  const std::string name = std::string("darkroom_geglu_") + type_suffix(input) +
-                           (vectorized ? "_vec" : "_scalar");
-  const auto geglu = kernel(input.get_device(), name);
-  const int64_t blocks = std::clamp<int64_t>(ceil_div(vectors, kThreads), 1, 32 * geglu.second);
+  const std::string dtype = type_suffix(input);
+  const int device = input.get_device();
+  const darkroom::GegluPlan plan = darkroom::plan_geglu(
+      rows, inner, input.element_size(), aligned(input) && aligned(out), multiprocessors(device));
+  const auto geglu =
+      kernel(device, "darkroom_geglu_" + dtype + (plan.vectorized ? "_vec" : "_scalar"));
+  const int64_t blocks = plan.blocks;
   const void* in_ptr = input.data_ptr();
   void* out_ptr = out.data_ptr();
   int64_t rows_arg = rows;

@@ -5,7 +5,8 @@
 // Compiled at run time by NVRTC (csrc/cuda_graph.cpp, `darkroom_kernels_load`) for the device's
 // architecture, so this file includes nothing: half-precision conversions are written out here.
 // Every kernel computes in f32 and rounds once on the way out. `reference/compile_kernels.py`
-// compiles it without a GPU (a test runs it), so syntax errors never reach a GPU session.
+// compiles it without a GPU, and emulate/ runs it on the CPU against libtorch (tests/kernels.rs),
+// so neither syntax errors nor indexing mistakes wait for a GPU session to be found.
 //
 // Layout: GroupNorm takes `[n, c, *spatial]` contiguous tensors, where each (sample, group) is
 // one contiguous slab of `c / groups × spatial` elements; GEGLU takes `[rows, 2 × inner]`.
@@ -24,6 +25,19 @@ struct Float32 {
 
 struct Float16 {
   typedef bits16 Storage;
+#ifdef DARKROOM_EMULATED  // on the CPU, for the tests (emulate/cuda_on_cpu.h)
+  static float load(bits16 v) {
+    _Float16 h;
+    memcpy(&h, &v, sizeof h);
+    return static_cast<float>(h);
+  }
+  static bits16 store(float f) {
+    const _Float16 h = static_cast<_Float16>(f);
+    bits16 v;
+    memcpy(&v, &h, sizeof v);
+    return v;
+  }
+#else
   static __device__ __forceinline__ float load(bits16 v) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
@@ -34,6 +48,7 @@ struct Float16 {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
     return v;
   }
+#endif
 };
 
 struct BFloat16 {
@@ -57,10 +72,13 @@ template <class E, int V>
 __device__ __forceinline__ void load_vector(const typename E::Storage* p, float (&out)[V]) {
   typedef typename E::Storage S;
   if constexpr (V * sizeof(S) == 16) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const S* s = reinterpret_cast<const S*>(&raw);
+    union {
+      uint4 raw;
+      S elements[V];
+    } vector;
+    vector.raw = *reinterpret_cast<const uint4*>(p);
 #pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = E::load(s[k]);
+    for (int k = 0; k < V; ++k) out[k] = E::load(vector.elements[k]);
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) out[k] = E::load(p[k]);
@@ -71,11 +89,13 @@ template <class E, int V>
 __device__ __forceinline__ void store_vector(typename E::Storage* p, const float (&in)[V]) {
   typedef typename E::Storage S;
   if constexpr (V * sizeof(S) == 16) {
-    uint4 raw;
-    S* s = reinterpret_cast<S*>(&raw);
+    union {
+      uint4 raw;
+      S elements[V];
+    } vector;
 #pragma unroll
-    for (int k = 0; k < V; ++k) s[k] = E::store(in[k]);
-    *reinterpret_cast<uint4*>(p) = raw;
+    for (int k = 0; k < V; ++k) vector.elements[k] = E::store(in[k]);
+    *reinterpret_cast<uint4*>(p) = vector.raw;
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) p[k] = E::store(in[k]);

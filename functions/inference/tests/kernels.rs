@@ -1,12 +1,22 @@
-//! The fused CUDA kernels' source (`csrc/kernels.cu`) compiles with NVRTC, as CUDA builds compile
-//! it at run time, for the architectures Darkroom targets (Ampere sm_80, Hopper sm_90) and has
-//! every kernel the host code launches. No GPU is needed to compile; the kernels' results are
-//! checked on a GPU by `examples/fused_kernels.rs` (see BENCHMARKS.md).
+//! The fused CUDA kernels (`csrc/kernels.cu`) without a GPU:
+//!
+//! - their source compiles with NVRTC, as CUDA builds compile it at run time, for the
+//!   architectures Darkroom targets (Ampere sm_80, Hopper sm_90), with every kernel the host code
+//!   launches;
+//! - run on the CPU under `csrc/emulate/` (each block as real threads with real barriers and warp
+//!   shuffles, the host code's launch geometry from `csrc/launch.h`), they give libtorch's results
+//!   to within libtorch's own rounding: every dtype, vector and scalar kernels, statistics split
+//!   over several blocks, grid-stride loops.
+//!
+//! On a GPU, `examples/fused_kernels.rs` checks and times them at SDXL's shapes (BENCHMARKS.md).
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
+
+use tch::{Device, Kind, Tensor};
 
 fn crate_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -80,4 +90,281 @@ fn a_source_that_does_not_compile_or_lacks_a_kernel_is_reported() {
         output.contains("kernels missing from the binary: darkroom_layer_norm_f16_vec"),
         "{output}"
     );
+}
+
+/// `csrc/emulate/run_kernels.cpp` built once per test run (it includes kernels.cu and launch.h).
+fn emulator() -> &'static Path {
+    static BUILT: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, binary) = BUILT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("run_kernels");
+        let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
+        let output = Command::new(&compiler)
+            .args([
+                "-std=c++20",
+                "-O2",
+                "-pthread",
+                "-fno-strict-aliasing",
+                "-o",
+            ])
+            .arg(&binary)
+            .arg(crate_dir().join("csrc/emulate/run_kernels.cpp"))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {compiler}: {e}"));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (dir, binary)
+    });
+    binary
+}
+
+fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Float => "f32",
+        Kind::Half => "f16",
+        Kind::BFloat16 => "bf16",
+        other => panic!("no kernels for {other:?}"),
+    }
+}
+
+/// The tensor's elements, native byte order.
+fn bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.contiguous().view([-1]);
+    if t.kind() == Kind::Float {
+        let values = Vec::<f32>::try_from(&t).unwrap();
+        values.iter().flat_map(|v| v.to_ne_bytes()).collect()
+    } else {
+        let values = Vec::<i16>::try_from(&t.view_dtype(Kind::Int16)).unwrap();
+        values.iter().flat_map(|v| v.to_ne_bytes()).collect()
+    }
+}
+
+fn tensor(bytes: &[u8], kind: Kind, shape: &[i64]) -> Tensor {
+    let t = if kind == Kind::Float {
+        let values: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_ne_bytes(b.try_into().unwrap()))
+            .collect();
+        Tensor::from_slice(&values)
+    } else {
+        let values: Vec<i16> = bytes
+            .chunks_exact(2)
+            .map(|b| i16::from_ne_bytes(b.try_into().unwrap()))
+            .collect();
+        Tensor::from_slice(&values).view_dtype(kind)
+    };
+    t.view(shape)
+}
+
+/// Runs the emulator on `inputs` (written to files); its output tensor and the plan it printed.
+fn emulate(args: &[String], inputs: &[Option<&Tensor>], out: (Kind, &[i64])) -> (Tensor, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(emulator());
+    command.args(args);
+    for (i, input) in inputs.iter().enumerate() {
+        match input {
+            Some(t) => {
+                let path = dir.path().join(format!("in{i}"));
+                std::fs::write(&path, bytes(t)).unwrap();
+                command.arg(path);
+            }
+            None => {
+                command.arg("-");
+            }
+        }
+    }
+    let out_path = dir.path().join("out");
+    let output = command.arg(&out_path).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let plan = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    (
+        tensor(&std::fs::read(out_path).unwrap(), out.0, out.1),
+        plan,
+    )
+}
+
+/// The fused result is as close to the f32 computation as libtorch's own result in `kind`
+/// (twice its largest error, plus one rounding step of the output's largest values).
+fn assert_close(name: &str, fused: &Tensor, stock: &Tensor, reference: &Tensor, kind: Kind) {
+    let max = |t: Tensor| t.abs().max().double_value(&[]);
+    let stock_err = max(stock.to_kind(Kind::Float) - reference);
+    let fused_err = max(fused.to_kind(Kind::Float) - reference);
+    let bits = match kind {
+        Kind::Float => 18,
+        Kind::Half => 11,
+        _ => 8,
+    };
+    let step = max(reference.shallow_clone()) * 2f64.powi(-bits);
+    assert!(
+        fused_err <= 2.0 * stock_err + step,
+        "{name}: fused error {fused_err:e}, libtorch's {stock_err:e}, step {step:e}"
+    );
+}
+
+struct NormCase {
+    kind: Kind,
+    shape: [i64; 4],
+    groups: i64,
+    shifted: bool,
+    silu: bool,
+    multiprocessors: i64,
+    /// What the launch plan must be (the path the case is there to exercise).
+    plan: &'static str,
+}
+
+#[test]
+fn emulated_group_norm_kernels_match_libtorch() {
+    use Kind::{BFloat16, Float, Half};
+    let case = |kind, shape, groups, shifted, silu, multiprocessors, plan| NormCase {
+        kind,
+        shape,
+        groups,
+        shifted,
+        silu,
+        multiprocessors,
+        plan,
+    };
+    let cases = [
+        case(
+            Float,
+            [2, 16, 8, 8],
+            4,
+            true,
+            true,
+            2,
+            "vec parts=1 apply_parts=1",
+        ),
+        case(
+            Half,
+            [1, 8, 64, 64],
+            2,
+            true,
+            true,
+            4,
+            "vec parts=4 apply_parts=2",
+        ),
+        case(
+            BFloat16,
+            [2, 32, 16, 16],
+            8,
+            false,
+            true,
+            2,
+            "vec parts=1 apply_parts=1",
+        ),
+        case(
+            Half,
+            [2, 12, 5, 7],
+            3,
+            true,
+            true,
+            2,
+            "scalar parts=1 apply_parts=1",
+        ),
+        case(
+            Float,
+            [1, 4, 33, 63],
+            1,
+            true,
+            false,
+            8,
+            "scalar parts=16 apply_parts=9",
+        ),
+    ];
+    tch::manual_seed(7);
+    for c in cases {
+        let [n, channels, h, w] = c.shape;
+        let f32s = (Kind::Float, Device::Cpu);
+        // Offsets per channel (a real activation's channels are not centred) and, in the last
+        // case, a mean far above the spread, where E[x²] − E[x]² would cancel.
+        let offset = if c.plan.starts_with("scalar parts=16") {
+            100.0
+        } else {
+            0.0
+        };
+        let x = (Tensor::randn(c.shape, f32s) * 3.0
+            + Tensor::randn([1, channels, 1, 1], f32s) * 2.0
+            + offset)
+            .to_kind(c.kind);
+        let shift = (Tensor::randn([n, channels], f32s)).to_kind(c.kind);
+        let weight = (Tensor::rand([channels], f32s) + 0.5).to_kind(c.kind);
+        let bias = (Tensor::randn([channels], f32s) * 0.1).to_kind(c.kind);
+        let eps = 1e-5;
+        let libtorch = |x: &Tensor, shift: &Tensor, weight: &Tensor, bias: &Tensor| {
+            let x = if c.shifted {
+                x + shift.view([n, channels, 1, 1])
+            } else {
+                x.shallow_clone()
+            };
+            let y = x.group_norm(c.groups, Some(weight), Some(bias), eps, false);
+            if c.silu { y.silu() } else { y }
+        };
+        let up = |t: &Tensor| t.to_kind(Kind::Float);
+        let reference = libtorch(&up(&x), &up(&shift), &up(&weight), &up(&bias));
+        let stock = libtorch(&x, &shift, &weight, &bias);
+        let args: Vec<String> = [
+            "group_norm".to_owned(),
+            dtype_name(c.kind).to_owned(),
+            n.to_string(),
+            channels.to_string(),
+            c.groups.to_string(),
+            (h * w).to_string(),
+            eps.to_string(),
+            u8::from(c.silu).to_string(),
+            c.multiprocessors.to_string(),
+        ]
+        .into();
+        let inputs = [
+            Some(&x),
+            c.shifted.then_some(&shift),
+            Some(&weight),
+            Some(&bias),
+        ];
+        let (fused, plan) = emulate(&args, &inputs, (c.kind, &c.shape));
+        let name = format!("{:?} {:?} groups {}", c.kind, c.shape, c.groups);
+        assert_eq!(plan, c.plan, "{name}");
+        assert_close(&name, &fused, &stock, &reference, c.kind);
+    }
+}
+
+#[test]
+fn emulated_geglu_kernels_match_libtorch() {
+    // (kind, rows, inner, multiprocessors, plan): vector and scalar kernels, and a grid-stride
+    // loop (32 blocks of 256 threads over 16384 vectors).
+    let cases = [
+        (Kind::Half, 14, 16, 2, "vec blocks=1"),
+        (Kind::BFloat16, 3, 13, 2, "scalar blocks=1"),
+        (Kind::Float, 128, 512, 1, "vec blocks=32"),
+    ];
+    tch::manual_seed(11);
+    for (kind, rows, inner, multiprocessors, expected_plan) in cases {
+        let input =
+            (Tensor::randn([rows, 2 * inner], (Kind::Float, Device::Cpu)) * 2.0).to_kind(kind);
+        let libtorch = |t: &Tensor| {
+            let halves = t.chunk(2, -1);
+            &halves[0] * halves[1].gelu("none")
+        };
+        let reference = libtorch(&input.to_kind(Kind::Float));
+        let stock = libtorch(&input);
+        let args: Vec<String> = [
+            "geglu",
+            dtype_name(kind),
+            &rows.to_string(),
+            &inner.to_string(),
+            &multiprocessors.to_string(),
+        ]
+        .map(str::to_owned)
+        .into();
+        let (fused, plan) = emulate(&args, &[Some(&input)], (kind, &[rows, inner]));
+        let name = format!("{kind:?} {rows}×{inner}");
+        assert_eq!(plan, expected_plan, "{name}");
+        assert_close(&name, &fused, &stock, &reference, kind);
+    }
 }

@@ -1,0 +1,55 @@
+// Launch geometry of the fused kernels (kernels.cu): shared by the CUDA host code
+// (fused_kernels.cpp) and the CPU emulation the tests run the kernels under (emulate/), so both
+// launch the same grids. Plain C++, no CUDA or libtorch.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace darkroom {
+
+// Threads per block of every fused kernel (their __launch_bounds__).
+constexpr int64_t kThreads = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Elements per 16-byte vector.
+inline int64_t vector_width(int64_t element_size) { return 16 / element_size; }
+
+struct GroupNormPlan {
+  bool vectorized;      // the `_vec` kernels (16-byte loads and stores)
+  int64_t slabs;        // (sample, group) pairs: the grids' y
+  int64_t parts;        // blocks per slab of the statistics pass: its grid's x
+  int64_t apply_parts;  // blocks per slab of the normalising pass: its grid's x
+};
+
+// `aligned`: every buffer the kernels touch starts on a 16-byte boundary.
+inline GroupNormPlan plan_group_norm(int64_t samples, int64_t channels, int64_t groups,
+                                     int64_t spatial, int64_t element_size, bool aligned,
+                                     int64_t multiprocessors) {
+  const int64_t width = vector_width(element_size);
+  const bool vectorized = aligned && spatial % width == 0;
+  const int64_t slabs = samples * groups;
+  const int64_t slab_vectors = channels / groups * spatial / (vectorized ? width : 1);
+  // Enough blocks to fill the GPU (the statistics of a few dozen slabs would leave most
+  // multiprocessors idle with one block per slab), each thread still reading several vectors.
+  const int64_t parts = std::clamp<int64_t>(
+      std::min(ceil_div(4 * multiprocessors, slabs), slab_vectors / (2 * kThreads)), 1, 1024);
+  const int64_t apply_parts = std::clamp<int64_t>(ceil_div(slab_vectors, 4 * kThreads), 1, 65535);
+  return {vectorized, slabs, parts, apply_parts};
+}
+
+struct GegluPlan {
+  bool vectorized;
+  int64_t blocks;  // a grid-stride loop covers the rest
+};
+
+inline GegluPlan plan_geglu(int64_t rows, int64_t inner, int64_t element_size, bool aligned,
+                            int64_t multiprocessors) {
+  const int64_t width = vector_width(element_size);
+  const bool vectorized = aligned && inner % width == 0;
+  const int64_t vectors = rows * inner / (vectorized ? width : 1);
+  return {vectorized, std::clamp<int64_t>(ceil_div(vectors, kThreads), 1, 32 * multiprocessors)};
+}
+
+}  // namespace darkroom
