@@ -39,6 +39,7 @@ fn build_cuda_shim(lib: Option<&std::path::Path>) {
     let cuda = cuda_root(torch);
     for file in [
         "csrc/shim.h",
+        "csrc/launch.h",
         "csrc/cuda_graph.cpp",
         "csrc/fused_kernels.cpp",
     ] {
