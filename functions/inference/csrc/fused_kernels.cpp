@@ -147,16 +147,60 @@ void check_like(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-void launch(cudaKernel_t kernel, dim3 grid, void** args) {
-  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads),
+void launch(cudaKernel_t kernel, dim3 grid, void** args, int64_t threads) {
+  check_cuda(cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid,
+                              dim3(static_cast<unsigned>(threads)),
                               args, 0, c10::cuda::getCurrentCUDAStream().stream()),
              "cudaLaunchKernel");
 }
 
+// The channels-last kernels for a channels-last `x`, or nothing when its rows are too wide.
+bool group_norm_nhwc(const at::Tensor& x, const at::Tensor* shift, const at::Tensor& weight,
+                     const at::Tensor& bias, int64_t groups, double eps, bool silu,
+                     at::Tensor& y) {
+  const int64_t samples = x.size(0);
+  const int64_t channels = x.size(1);
+  const int64_t spatial = x.size(2) * x.size(3);
+  const int device = x.get_device();
+  const bool all_aligned = aligned(x) && aligned(y);
+  const darkroom::GroupNormNhwcPlan plan = darkroom::plan_group_norm_nhwc(
+      samples, channels, groups, spatial, x.element_size(), all_aligned, multiprocessors(device));
+  if (!plan.supported) return false;
+  const std::string suffix = std::string(type_suffix(x)) + "_v" + std::to_string(plan.width);
+  const cudaKernel_t moments = kernel(device, "darkroom_group_norm_moments_nhwc_" + suffix);
+  const cudaKernel_t apply = kernel(device, "darkroom_group_norm_apply_nhwc_" + suffix);
+  at::Tensor partial = at::empty({samples * groups * plan.parts * 3}, x.options().dtype(at::kFloat));
+  const void* x_ptr = x.data_ptr();
+  const void* shift_ptr = shift != nullptr ? shift->data_ptr() : nullptr;
+  const void* weight_ptr = weight.data_ptr();
+  const void* bias_ptr = bias.data_ptr();
+  void* partial_ptr = partial.data_ptr();
+  void* y_ptr = y.data_ptr();
+  int64_t spatial_arg = spatial;
+  int channels_arg = static_cast<int>(channels);
+  int groups_arg = static_cast<int>(groups);
+  int parts_arg = static_cast<int>(plan.parts);
+  float eps_arg = static_cast<float>(eps);
+  int silu_arg = silu ? 1 : 0;
+  void* moments_args[] = {&x_ptr, &shift_ptr, &partial_ptr, &spatial_arg, &channels_arg,
+                          &groups_arg};
+  launch(moments, dim3(static_cast<unsigned>(plan.parts), static_cast<unsigned>(samples)),
+         moments_args, plan.threads);
+  void* apply_args[] = {&x_ptr,       &shift_ptr, &weight_ptr,   &bias_ptr,
+                        &partial_ptr, &y_ptr,     &spatial_arg,  &channels_arg,
+                        &groups_arg,  &parts_arg, &eps_arg,      &silu_arg};
+  launch(apply, dim3(static_cast<unsigned>(plan.apply_parts), static_cast<unsigned>(samples)),
+         apply_args, plan.threads);
+  return true;
+}
+
 at::Tensor group_norm(const at::Tensor& x, const at::Tensor* shift, const at::Tensor& weight,
                       const at::Tensor& bias, int64_t groups, double eps, bool silu) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() >= 2,
-              "group norm: the input must be a contiguous CUDA tensor [n, c, ...]");
+  const bool channels_last = x.dim() == 4 && !x.is_contiguous() &&
+                             x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.is_cuda() && (x.is_contiguous() || channels_last) && x.dim() >= 2,
+              "group norm: the input must be a contiguous or channels-last CUDA tensor "
+              "[n, c, ...]");
   const int64_t samples = x.size(0);
   const int64_t channels = x.size(1);
   TORCH_CHECK(groups > 0 && channels % groups == 0, "group norm: ", channels,
@@ -171,6 +215,13 @@ at::Tensor group_norm(const at::Tensor& x, const at::Tensor* shift, const at::Te
                 "group norm: the shift must be [n, c]");
   }
   const c10::cuda::CUDAGuard guard(x.device());
+  if (channels_last) {
+    at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    if (x.numel() == 0 || group_norm_nhwc(x, shift, weight, bias, groups, eps, silu, y)) {
+      return y;
+    }
+    return group_norm(x.contiguous(), shift, weight, bias, groups, eps, silu);
+  }
   at::Tensor y = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return y;
   const int64_t spatial = x.numel() / (samples * channels);
@@ -181,12 +232,9 @@ at::Tensor group_norm(const at::Tensor& x, const at::Tensor* shift, const at::Te
   const darkroom::GroupNormPlan plan = darkroom::plan_group_norm(
       samples, channels, groups, spatial, x.element_size(), all_aligned, multiprocessors(device));
   const std::string suffix = dtype + (plan.vectorized ? "_vec" : "_scalar");
-  const auto moments = kernel(device, "darkroom_group_norm_moments_" + suffix);
-  const auto apply = kernel(device, "darkroom_group_norm_apply_" + suffix);
-  const int64_t parts = plan.parts;
-  const int64_t slabs = plan.slabs;
-  const int64_t apply_parts = plan.apply_parts;
-  at::Tensor partial = at::empty({slabs * parts * 3}, x.options().dtype(at::kFloat));
+  const cudaKernel_t moments = kernel(device, "darkroom_group_norm_moments_" + suffix);
+  const cudaKernel_t apply = kernel(device, "darkroom_group_norm_apply_" + suffix);
+  at::Tensor partial = at::empty({plan.slabs * plan.parts * 3}, x.options().dtype(at::kFloat));
 
   const void* x_ptr = x.data_ptr();
   const void* shift_ptr = shift != nullptr ? shift->data_ptr() : nullptr;
@@ -196,18 +244,19 @@ at::Tensor group_norm(const at::Tensor& x, const at::Tensor* shift, const at::Te
   void* y_ptr = y.data_ptr();
   int channels_arg = static_cast<int>(channels);
   int groups_arg = static_cast<int>(groups);
-  int parts_arg = static_cast<int>(parts);
+  int parts_arg = static_cast<int>(plan.parts);
   float eps_arg = static_cast<float>(eps);
   int silu_arg = silu ? 1 : 0;
   int64_t spatial_arg = spatial;
   void* moments_args[] = {&x_ptr, &shift_ptr, &partial_ptr, &spatial_arg, &channels_arg,
                           &groups_arg};
-  launch(moments, dim3(static_cast<unsigned>(parts), static_cast<unsigned>(slabs)), moments_args);
+  launch(moments, dim3(static_cast<unsigned>(plan.parts), static_cast<unsigned>(plan.slabs)),
+         moments_args, kThreads);
   void* apply_args[] = {&x_ptr,       &shift_ptr,    &weight_ptr, &bias_ptr,
                         &partial_ptr, &y_ptr,        &spatial_arg, &channels_arg,
                         &groups_arg,  &parts_arg,    &eps_arg,    &silu_arg};
-  launch(apply, dim3(static_cast<unsigned>(apply_parts), static_cast<unsigned>(slabs)),
-         apply_args);
+  launch(apply, dim3(static_cast<unsigned>(plan.apply_parts), static_cast<unsigned>(plan.slabs)),
+         apply_args, kThreads);
   return y;
 }
 
@@ -234,7 +283,7 @@ at::Tensor geglu(const at::Tensor& input) {
   int64_t rows_arg = rows;
   int64_t inner_arg = inner;
   void* args[] = {&in_ptr, &out_ptr, &rows_arg, &inner_arg};
-  launch(geglu, dim3(static_cast<unsigned>(blocks)), args);
+  launch(geglu, dim3(static_cast<unsigned>(blocks)), args, kThreads);
   return out;
 }
 
@@ -249,7 +298,8 @@ void darkroom_kernels_load(int32_t device, const char* source, char** error) {
 }
 
 // GroupNorm of `x` [n, c, ...] (plus `shift` [n, c] per channel when not null), then SiLU when
-// `silu`; returns a new tensor, or null with `*error` set.
+// `silu`; returns a new tensor in `x`'s layout (contiguous or channels-last), or null with
+// `*error` set.
 void* darkroom_group_norm(const void* x, const void* shift, const void* weight, const void* bias,
                           int64_t groups, double eps, bool silu, char** error) {
   at::Tensor* result = nullptr;

@@ -9,7 +9,8 @@
 // so neither syntax errors nor indexing mistakes wait for a GPU session to be found.
 //
 // Layout: GroupNorm takes `[n, c, *spatial]` contiguous tensors, where each (sample, group) is
-// one contiguous slab of `c / groups × spatial` elements; GEGLU takes `[rows, 2 × inner]`.
+// one contiguous slab of `c / groups × spatial` elements, or channels-last `[n, c, h, w]`
+// tensors (the `_nhwc` kernels); GEGLU takes `[rows, 2 × inner]`.
 // Kernels whose name ends in `_vec` read and write 16 bytes at a time: the host picks them only
 // when `spatial` (GroupNorm) or `inner` (GEGLU) is a multiple of the vector width and every
 // pointer is 16-byte aligned.
@@ -246,6 +247,121 @@ __device__ void group_norm_apply(const typename E::Storage* x, const typename E:
   }
 }
 
+// Channels-last GroupNorm: `x` is a channels-last `[n, c, h, w]`, i.e. `[n, spatial, c]` in
+// memory, so a group's elements are `c / groups` consecutive values in every one of `spatial`
+// rows. A block covers one sample's rows `part_of_rows` with `c / V` threads per row (thread
+// `t` owns the `V` channels from `(t mod c/V)·V`, all in one group as `V` divides `c / groups`)
+// and `blockDim.x / (c / V)` rows at a time.
+__device__ __forceinline__ void part_of_rows(i64 rows, i64* begin, i64* end) {
+  const i64 per_part = (rows + gridDim.x - 1) / gridDim.x;
+  *begin = blockIdx.x * per_part;
+  *end = min(*begin + per_part, rows);
+}
+
+// Pass 1, channels-last: each group's moments over the block's rows, into
+// `partial[(sample·groups + group)·parts + part]` as in the contiguous kernels.
+template <class E, int V>
+__device__ void group_norm_moments_nhwc(const typename E::Storage* x,
+                                        const typename E::Storage* shift, float* partial,
+                                        i64 spatial, int channels, int groups) {
+  __shared__ Moments slots[1024];
+  const int sample = blockIdx.y;
+  const int columns = channels / V;
+  const int column = threadIdx.x % columns;
+  const int row_slot = threadIdx.x / columns;
+  const int row_slots = blockDim.x / columns;
+  i64 begin, end;
+  part_of_rows(spatial, &begin, &end);
+  float add[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    add[k] = shift != nullptr ? E::load(shift[sample * channels + column * V + k]) : 0.f;
+  }
+  Moments m = {0.f, 0.f, 0.f};
+  const typename E::Storage* values = x + static_cast<i64>(sample) * spatial * channels;
+  for (i64 row = begin + row_slot; row < end; row += row_slots) {
+    float v[V];
+    load_vector<E, V>(values + row * channels + column * V, v);
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      v[k] += add[k];
+      sum += v[k];
+    }
+    const float mean = sum / V;
+    float m2 = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+    m = merge(m, Moments{static_cast<float>(V), mean, m2});
+  }
+  slots[threadIdx.x] = m;
+  __syncthreads();
+  const int columns_per_group = channels / groups / V;
+  for (int group = threadIdx.x; group < groups; group += blockDim.x) {
+    Moments total = {0.f, 0.f, 0.f};
+    for (int slot = 0; slot < row_slots; ++slot) {
+      for (int k = 0; k < columns_per_group; ++k) {
+        total = merge(total, slots[slot * columns + group * columns_per_group + k]);
+      }
+    }
+    float* out =
+        partial + (static_cast<i64>(sample * groups + group) * gridDim.x + blockIdx.x) * 3;
+    out[0] = total.count;
+    out[1] = total.mean;
+    out[2] = total.m2;
+  }
+}
+
+// Pass 2, channels-last: every group's mean and deviation for the block's sample (from the
+// `parts` partial moments), each thread's `V` scales and offsets once, then its rows.
+template <class E, int V>
+__device__ void group_norm_apply_nhwc(const typename E::Storage* x,
+                                      const typename E::Storage* shift,
+                                      const typename E::Storage* weight,
+                                      const typename E::Storage* bias, const float* partial,
+                                      typename E::Storage* y, i64 spatial, int channels,
+                                      int groups, int parts, float eps, int silu) {
+  __shared__ float means[1024];
+  __shared__ float rstds[1024];
+  const int sample = blockIdx.y;
+  for (int group = threadIdx.x; group < groups; group += blockDim.x) {
+    Moments m = {0.f, 0.f, 0.f};
+    for (int p = 0; p < parts; ++p) {
+      const float* q = partial + (static_cast<i64>(sample * groups + group) * parts + p) * 3;
+      m = merge(m, Moments{q[0], q[1], q[2]});
+    }
+    means[group] = m.mean;
+    rstds[group] = rsqrtf(fmaxf(m.m2 / m.count, 0.f) + eps);
+  }
+  __syncthreads();
+  const int columns = channels / V;
+  const int column = threadIdx.x % columns;
+  const int row_slot = threadIdx.x / columns;
+  const int row_slots = blockDim.x / columns;
+  const int group = column * V / (channels / groups);
+  float scale[V], offset[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int channel = column * V + k;
+    scale[k] = rstds[group] * E::load(weight[channel]);
+    offset[k] = E::load(bias[channel]) - means[group] * scale[k];
+    if (shift != nullptr) offset[k] += E::load(shift[sample * channels + channel]) * scale[k];
+  }
+  i64 begin, end;
+  part_of_rows(spatial, &begin, &end);
+  const i64 base = static_cast<i64>(sample) * spatial * channels + column * V;
+  for (i64 row = begin + row_slot; row < end; row += row_slots) {
+    float v[V];
+    load_vector<E, V>(x + base + row * channels, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float normed = v[k] * scale[k] + offset[k];
+      v[k] = silu != 0 ? normed / (1.f + expf(-normed)) : normed;
+    }
+    store_vector<E, V>(y + base + row * channels, v);
+  }
+}
+
 // `out[r, j] = in[r, j] · gelu(in[r, inner + j])` with the exact (erf) GELU.
 template <class E, int V>
 __device__ void geglu(const typename E::Storage* in, typename E::Storage* out, i64 rows,
@@ -295,3 +411,32 @@ DARKROOM_KERNELS(Float16, f16, 8, _vec)
 DARKROOM_KERNELS(Float16, f16, 1, _scalar)
 DARKROOM_KERNELS(BFloat16, bf16, 8, _vec)
 DARKROOM_KERNELS(BFloat16, bf16, 1, _scalar)
+
+// Channels-last GroupNorm for each width `V` that can divide a group's channels.
+#define DARKROOM_NHWC_KERNELS(E, NAME, V)                                                       \
+  extern "C" __global__ void __launch_bounds__(1024)                                           \
+      darkroom_group_norm_moments_nhwc_##NAME##_v##V(const E::Storage* x,                      \
+                                                      const E::Storage* shift, float* partial, \
+                                                      i64 spatial, int channels, int groups) { \
+    group_norm_moments_nhwc<E, V>(x, shift, partial, spatial, channels, groups);               \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(1024)                                           \
+      darkroom_group_norm_apply_nhwc_##NAME##_v##V(                                            \
+          const E::Storage* x, const E::Storage* shift, const E::Storage* weight,              \
+          const E::Storage* bias, const float* partial, E::Storage* y, i64 spatial,            \
+          int channels, int groups, int parts, float eps, int silu) {                          \
+    group_norm_apply_nhwc<E, V>(x, shift, weight, bias, partial, y, spatial, channels, groups, \
+                                parts, eps, silu);                                             \
+  }
+
+DARKROOM_NHWC_KERNELS(Float32, f32, 4)
+DARKROOM_NHWC_KERNELS(Float32, f32, 2)
+DARKROOM_NHWC_KERNELS(Float32, f32, 1)
+DARKROOM_NHWC_KERNELS(Float16, f16, 8)
+DARKROOM_NHWC_KERNELS(Float16, f16, 4)
+DARKROOM_NHWC_KERNELS(Float16, f16, 2)
+DARKROOM_NHWC_KERNELS(Float16, f16, 1)
+DARKROOM_NHWC_KERNELS(BFloat16, bf16, 8)
+DARKROOM_NHWC_KERNELS(BFloat16, bf16, 4)
+DARKROOM_NHWC_KERNELS(BFloat16, bf16, 2)
+DARKROOM_NHWC_KERNELS(BFloat16, bf16, 1)

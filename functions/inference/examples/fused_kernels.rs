@@ -41,6 +41,7 @@ enum Op {
         eps: f64,
         shifted: bool,
         silu: bool,
+        channels_last: bool,
     },
     /// GEGLU of `[n, tokens, 2 × inner]`.
     Geglu { shape: [i64; 3] },
@@ -53,6 +54,15 @@ fn cases() -> Vec<Case> {
         eps,
         shifted,
         silu,
+        channels_last: false,
+    };
+    let nhwc = |shape, shifted, silu, eps| Op::GroupNorm {
+        shape,
+        groups: 32,
+        eps,
+        shifted,
+        silu,
+        channels_last: true,
     };
     use Kind::{BFloat16, Half};
     vec![
@@ -75,6 +85,26 @@ fn cases() -> Vec<Case> {
             name: "UNet resnet norm2(+temb)+SiLU 1280×32²",
             kind: Half,
             op: norm([2, 1280, 32, 32], true, true, 1e-5),
+        },
+        Case {
+            name: "channels-last norm2(+temb)+SiLU 320×128²",
+            kind: Half,
+            op: nhwc([2, 320, 128, 128], true, true, 1e-5),
+        },
+        Case {
+            name: "channels-last norm2(+temb)+SiLU 640×64²",
+            kind: Half,
+            op: nhwc([2, 640, 64, 64], true, true, 1e-5),
+        },
+        Case {
+            name: "channels-last norm2(+temb)+SiLU 1280×32²",
+            kind: Half,
+            op: nhwc([2, 1280, 32, 32], true, true, 1e-5),
+        },
+        Case {
+            name: "channels-last transformer norm 640×64²",
+            kind: Half,
+            op: nhwc([2, 640, 64, 64], false, false, 1e-6),
         },
         Case {
             name: "UNet transformer norm 640×64²",
@@ -132,13 +162,19 @@ fn run(op: &Op, kind: Kind, device: Device) -> Workload {
             eps,
             shifted,
             silu,
+            channels_last,
         } => {
             let channels = shape[1];
             let options = (kind, device);
             // Activations with an offset per channel, as in a real UNet (not centred).
+            let x = Tensor::randn(shape, options) * 3.0
+                + Tensor::randn([1, channels, 1, 1], options) * 2.0;
             let inputs = vec![
-                Tensor::randn(shape, options) * 3.0
-                    + Tensor::randn([1, channels, 1, 1], options) * 2.0,
+                if channels_last {
+                    kernels::to_channels_last(&x)
+                } else {
+                    x
+                },
                 Tensor::randn([shape[0], channels], options),
                 Tensor::rand([channels], options) + 0.5,
                 Tensor::randn([channels], options) * 0.1,
@@ -215,7 +251,18 @@ fn main() -> anyhow::Result<()> {
                 Kind::BFloat16 => 2f64.powi(-8),
                 _ => 2f64.powi(-11),
             };
-        if fused.size() != stock.size() || fused_err.is_nan() || fused_err > 2.0 * stock_err + step
+        // The fused GroupNorm keeps its input's layout (libtorch's returns a contiguous map).
+        let layout_kept = match case.op {
+            Op::GroupNorm {
+                channels_last: true,
+                ..
+            } => kernels::is_channels_last(&fused),
+            _ => fused.is_contiguous(),
+        };
+        if !layout_kept
+            || fused.size() != stock.size()
+            || fused_err.is_nan()
+            || fused_err > 2.0 * stock_err + step
         {
             failures.push(case.name);
         }

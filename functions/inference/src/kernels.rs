@@ -52,7 +52,7 @@ pub fn group_norm(
     #[cfg(feature = "cuda")]
     {
         let same_kind = |t: &Tensor| t.kind() == xs.kind() && t.is_contiguous();
-        let fused = suits_fused(xs)
+        let fused = suits_fused(xs, true)
             && xs.dim() >= 2
             && same_kind(weight)
             && same_kind(bias)
@@ -79,7 +79,7 @@ pub fn group_norm(
 /// GEGLU: `[..., 2 × inner]` → the first half times the exact GELU of the second.
 pub fn geglu(projected: &Tensor) -> Tensor {
     #[cfg(feature = "cuda")]
-    if suits_fused(projected) && projected.size().last().is_some_and(|d| d % 2 == 0) {
+    if suits_fused(projected, false) && projected.size().last().is_some_and(|d| d % 2 == 0) {
         return crate::cuda::fused_geglu(projected)
             .unwrap_or_else(|e| panic!("fused GEGLU kernel: {e}"));
     }
@@ -87,14 +87,33 @@ pub fn geglu(projected: &Tensor) -> Tensor {
     &halves[0] * halves[1].gelu("none")
 }
 
-/// On, on a CUDA device, contiguous, in a precision the kernels have. (A kernel failure then
-/// panics, as libtorch's operations do.)
+/// On, on a CUDA device, contiguous (or channels-last, where the kernel has that layout), in a
+/// precision the kernels have. (A kernel failure then panics, as libtorch's operations do.)
 #[cfg(feature = "cuda")]
-fn suits_fused(xs: &Tensor) -> bool {
+fn suits_fused(xs: &Tensor, channels_last_too: bool) -> bool {
     fused_kernels()
         && xs.device().is_cuda()
         && matches!(xs.kind(), Kind::Float | Kind::Half | Kind::BFloat16)
-        && xs.is_contiguous()
+        && (xs.is_contiguous() || (channels_last_too && is_channels_last(xs)))
+}
+
+/// Whether `xs` is a `[n, c, h, w]` tensor stored channels-last (`[n, h, w, c]` in memory).
+pub fn is_channels_last(xs: &Tensor) -> bool {
+    let (size, stride) = (xs.size(), xs.stride());
+    let [_, c, h, w] = size[..] else {
+        return false;
+    };
+    // Strides of size-1 dimensions are free.
+    let expected = [h * w * c, 1, w * c, c];
+    size.iter()
+        .zip(stride.iter().zip(expected))
+        .all(|(&n, (&s, e))| n == 1 || s == e)
+}
+
+/// `xs` `[n, c, h, w]` stored channels-last: the layout cuDNN's convolutions use natively on
+/// recent GPUs (in NCHW, libtorch transposes around each of them).
+pub fn to_channels_last(xs: &Tensor) -> Tensor {
+    xs.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 #[cfg(test)]
@@ -116,6 +135,22 @@ mod tests {
         let got = group_norm(&xs, Some(&shift), affine, 4, 1e-6, true);
         assert!(got.equal(&expected));
         assert!(group_norm(&xs, None, affine, 4, 1e-6, false).equal(&norm(&xs)));
+    }
+
+    #[test]
+    fn channels_last_keeps_the_values_and_is_recognised() {
+        let xs = Tensor::randn([2, 3, 4, 5], (Kind::Float, Device::Cpu));
+        assert!(!is_channels_last(&xs));
+        let last = to_channels_last(&xs);
+        assert!(is_channels_last(&last) && !last.is_contiguous());
+        assert_eq!(last.stride(), [60, 1, 15, 3]);
+        assert!(last.equal(&xs));
+        assert!(!is_channels_last(&xs.view([2, 3, 20])));
+        // A 1×1 map is both.
+        assert!(is_channels_last(&Tensor::zeros(
+            [2, 3, 1, 1],
+            (Kind::Float, Device::Cpu)
+        )));
     }
 
     #[test]

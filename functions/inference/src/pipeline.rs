@@ -228,6 +228,8 @@ pub struct SdxlPipeline {
     scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
+    /// The UNet's and ControlNets' convolution weights are stored channels-last.
+    channels_last: bool,
     /// Denoising steps recorded as CUDA graphs (CUDA builds on a CUDA device).
     #[cfg(feature = "cuda")]
     graphs: Mutex<GraphState>,
@@ -416,6 +418,7 @@ impl SdxlPipeline {
             scheduler_config,
             device,
             kind,
+            channels_last: false,
             #[cfg(feature = "cuda")]
             graphs: Mutex::new(match device {
                 Device::Cuda(index) => GraphState::On(StepGraphs::new(index)),
@@ -434,6 +437,42 @@ impl SdxlPipeline {
             (true, Device::Cuda(index)) => GraphState::On(StepGraphs::new(index)),
             _ => GraphState::Off,
         };
+    }
+
+    /// Stores the convolution weights of the UNet and the ControlNets (those loaded later too)
+    /// channels-last, or back in the default layout. Convolutions then produce channels-last
+    /// maps, which cuDNN takes without the transposes it adds around NCHW convolutions on recent
+    /// GPUs, and which the fused GroupNorm ([`crate::kernels`]) reads in place; with libtorch's
+    /// GroupNorm on CUDA, which makes its input contiguous first, it is slower. Results are the
+    /// same up to the convolution algorithms' rounding. Recorded CUDA graphs are dropped (they
+    /// read the old weights); LoRA sets stay fused.
+    pub fn set_channels_last(&mut self, enabled: bool) {
+        if enabled == self.channels_last {
+            return;
+        }
+        self.channels_last = enabled;
+        let unet = self.var_store(Component::Unet).map(|vs| vs.variables());
+        for mut var in unet.into_iter().flat_map(|vars| vars.into_values()) {
+            relayout(&mut var, enabled);
+        }
+        for net in self.controlnets.values() {
+            for mut var in net.var_store().variables().into_values() {
+                relayout(&mut var, enabled);
+            }
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let graphs_on = !matches!(
+                *self.graphs.lock().unwrap_or_else(|e| e.into_inner()),
+                GraphState::Off
+            );
+            self.set_cuda_graphs(graphs_on);
+        }
+    }
+
+    /// Whether convolution weights are stored channels-last ([`Self::set_channels_last`]).
+    pub fn channels_last(&self) -> bool {
+        self.channels_last
     }
 
     /// Whether steps run as CUDA graphs: `Ok(true)` when on, `Ok(false)` when off, `Err` with
@@ -793,6 +832,11 @@ impl SdxlPipeline {
                 ),
             });
         }
+        if self.channels_last {
+            for mut var in net.var_store().variables().into_values() {
+                relayout(&mut var, true);
+            }
+        }
         let id = ControlNetId(self.next_controlnet);
         self.next_controlnet += 1;
         self.controlnets.insert(id, net);
@@ -999,4 +1043,18 @@ fn check_size(height: u32, width: u32, scale: i64) -> Result<(i64, i64)> {
         });
     }
     Ok((height, width))
+}
+
+/// Moves a 4-d (convolution) weight's values into the channels-last layout or back, in place:
+/// every module sharing the variable sees the new layout.
+fn relayout(var: &mut Tensor, channels_last: bool) {
+    if var.dim() != 4 {
+        return;
+    }
+    let moved = if channels_last {
+        crate::kernels::to_channels_last(var)
+    } else {
+        var.contiguous()
+    };
+    tch::no_grad(|| var.set_data(&moved));
 }

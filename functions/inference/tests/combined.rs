@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use darkroom_inference::device::DType;
+use darkroom_inference::kernels::is_channels_last;
 use darkroom_inference::pipeline::{ControlInput, GenerateRequest, InitImage, SdxlPipeline};
 use tch::Device;
 
@@ -101,4 +102,40 @@ fn loras_and_controlnets_together_match_diffusers() {
         assert!(pixels <= 3, "{case}: max pixel difference {pixels}");
         assert!(error <= 1e-3, "{case}: latents relative error {error}");
     }
+}
+
+/// The same with the UNet's and the ControlNets' convolution weights stored channels-last (the
+/// GPU layout option), one ControlNet loaded before the switch and one after.
+#[test]
+fn with_channels_last_weights_loras_and_controlnets_still_match_diffusers() {
+    let fixture = common::fixture("combined", &[]);
+    let mut pipeline =
+        SdxlPipeline::load(&fixture.join("model"), None, Device::Cpu, DType::F32).unwrap();
+    let mut nets = HashMap::new();
+    let mut load = |pipeline: &mut SdxlPipeline, name: &str| {
+        let id = pipeline.load_controlnet(&fixture.join(name)).unwrap();
+        nets.insert(name.to_owned(), id);
+    };
+    load(&mut pipeline, "controlnet-a");
+    pipeline.set_channels_last(true);
+    load(&mut pipeline, "controlnet-b");
+    for name in ["controlnet-a", "controlnet-b"] {
+        let vs = pipeline.controlnet(nets[name]).unwrap().var_store();
+        let convs: Vec<_> = vs
+            .variables()
+            .into_values()
+            .filter(|v| v.dim() == 4)
+            .collect();
+        assert!(!convs.is_empty());
+        assert!(convs.iter().all(is_channels_last), "{name}");
+    }
+    let case = "all-img2img";
+    let (image, latents) = render(&mut pipeline, &fixture, case, &nets);
+    let dir = fixture.join("cases").join(case);
+    let expected = image::open(dir.join("result.png")).unwrap().to_rgb8();
+    let expected_latents = common::read_tensors(&dir.join("latents.safetensors"));
+    let pixels = common::max_pixel_difference(&image, &expected);
+    let error = common::relative_error(&latents, &expected_latents["latents"]);
+    assert!(pixels <= 3, "max pixel difference {pixels}");
+    assert!(error <= 1e-3, "latents relative error {error}");
 }

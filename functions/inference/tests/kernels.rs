@@ -32,6 +32,18 @@ fn kernel_names() -> Vec<String> {
             }
         }
     }
+    let widths = [
+        ("f32", &[4, 2, 1][..]),
+        ("f16", &[8, 4, 2, 1]),
+        ("bf16", &[8, 4, 2, 1]),
+    ];
+    for op in ["group_norm_moments_nhwc", "group_norm_apply_nhwc"] {
+        for (dtype, widths) in widths {
+            for width in widths {
+                names.push(format!("darkroom_{op}_{dtype}_v{width}"));
+            }
+        }
+    }
     names
 }
 
@@ -209,6 +221,8 @@ fn assert_close(name: &str, fused: &Tensor, stock: &Tensor, reference: &Tensor, 
 }
 
 struct NormCase {
+    /// The channels-last kernels (`x` and the result channels-last).
+    channels_last: bool,
     kind: Kind,
     shape: [i64; 4],
     groups: i64,
@@ -222,61 +236,31 @@ struct NormCase {
 #[test]
 fn emulated_group_norm_kernels_match_libtorch() {
     use Kind::{BFloat16, Float, Half};
-    let case = |kind, shape, groups, shifted, silu, multiprocessors, plan| NormCase {
-        kind,
-        shape,
-        groups,
-        shifted,
-        silu,
-        multiprocessors,
-        plan,
-    };
+    let case =
+        |channels_last, kind, shape, groups, shifted, silu, multiprocessors, plan| NormCase {
+            channels_last,
+            kind,
+            shape,
+            groups,
+            shifted,
+            silu,
+            multiprocessors,
+            plan,
+        };
+    // Contiguous: every dtype, vector and scalar kernels, statistics split over blocks.
+    // Channels-last: SDXL's 10 channels per group (2 per thread, 160 threads a row), rows split
+    // over blocks, a group width no vector divides, rows wider than a 256-thread block.
+    #[rustfmt::skip]
     let cases = [
-        case(
-            Float,
-            [2, 16, 8, 8],
-            4,
-            true,
-            true,
-            2,
-            "vec parts=1 apply_parts=1",
-        ),
-        case(
-            Half,
-            [1, 8, 64, 64],
-            2,
-            true,
-            true,
-            4,
-            "vec parts=4 apply_parts=2",
-        ),
-        case(
-            BFloat16,
-            [2, 32, 16, 16],
-            8,
-            false,
-            true,
-            2,
-            "vec parts=1 apply_parts=1",
-        ),
-        case(
-            Half,
-            [2, 12, 5, 7],
-            3,
-            true,
-            true,
-            2,
-            "scalar parts=1 apply_parts=1",
-        ),
-        case(
-            Float,
-            [1, 4, 33, 63],
-            1,
-            true,
-            false,
-            8,
-            "scalar parts=16 apply_parts=9",
-        ),
+        case(false, Float, [2, 16, 8, 8], 4, true, true, 2, "vec parts=1 apply_parts=1"),
+        case(false, Half, [1, 8, 64, 64], 2, true, true, 4, "vec parts=4 apply_parts=2"),
+        case(false, BFloat16, [2, 32, 16, 16], 8, false, true, 2, "vec parts=1 apply_parts=1"),
+        case(false, Half, [2, 12, 5, 7], 3, true, true, 2, "scalar parts=1 apply_parts=1"),
+        case(false, Float, [1, 4, 33, 63], 1, true, false, 8, "scalar parts=16 apply_parts=9"),
+        case(true, Half, [2, 320, 4, 4], 32, true, true, 2, "v2 threads=160 parts=4 apply_parts=4"),
+        case(true, BFloat16, [1, 64, 32, 32], 4, false, true, 1, "v8 threads=256 parts=4 apply_parts=8"),
+        case(true, Float, [2, 40, 6, 5], 8, true, false, 2, "v1 threads=240 parts=1 apply_parts=2"),
+        case(true, Float, [1, 1280, 2, 2], 32, true, true, 1, "v4 threads=320 parts=1 apply_parts=1"),
     ];
     tch::manual_seed(7);
     for c in cases {
@@ -309,8 +293,19 @@ fn emulated_group_norm_kernels_match_libtorch() {
         let up = |t: &Tensor| t.to_kind(Kind::Float);
         let reference = libtorch(&up(&x), &up(&shift), &up(&weight), &up(&bias));
         let stock = libtorch(&x, &shift, &weight, &bias);
+        let op = if c.channels_last {
+            "group_norm_nhwc"
+        } else {
+            "group_norm"
+        };
+        // The emulator takes and returns channels-last tensors as `[n, h, w, c]` in memory.
+        let (x_file, out_shape) = if c.channels_last {
+            (x.permute([0, 2, 3, 1]).contiguous(), [n, h, w, channels])
+        } else {
+            (x.shallow_clone(), c.shape)
+        };
         let args: Vec<String> = [
-            "group_norm".to_owned(),
+            op.to_owned(),
             dtype_name(c.kind).to_owned(),
             n.to_string(),
             channels.to_string(),
@@ -322,13 +317,21 @@ fn emulated_group_norm_kernels_match_libtorch() {
         ]
         .into();
         let inputs = [
-            Some(&x),
+            Some(&x_file),
             c.shifted.then_some(&shift),
             Some(&weight),
             Some(&bias),
         ];
-        let (fused, plan) = emulate(&args, &inputs, (c.kind, &c.shape));
-        let name = format!("{:?} {:?} groups {}", c.kind, c.shape, c.groups);
+        let (fused, plan) = emulate(&args, &inputs, (c.kind, &out_shape));
+        let fused = if c.channels_last {
+            fused.permute([0, 3, 1, 2])
+        } else {
+            fused
+        };
+        let name = format!(
+            "{:?} {:?} groups {}, channels-last {}",
+            c.kind, c.shape, c.groups, c.channels_last
+        );
         assert_eq!(plan, c.plan, "{name}");
         assert_close(&name, &fused, &stock, &reference, c.kind);
     }

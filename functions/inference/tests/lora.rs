@@ -17,6 +17,7 @@ use std::process::Command;
 use darkroom_inference::EngineError;
 use darkroom_inference::clip::canonical_parameter_name;
 use darkroom_inference::device::DType;
+use darkroom_inference::kernels::is_channels_last;
 use darkroom_inference::loader::Component;
 use darkroom_inference::lora::{
     LoraCache, LoraError, LoraFormat, LoraFuser, LoraSpec, LoraTarget, LoraWeights, Problem,
@@ -307,6 +308,53 @@ fn switching_sets_is_exact() {
     assert!(differing(&base, &snapshot(&pipeline)).is_empty());
     pipeline.set_loras(&[(&b, 0.0)]).unwrap();
     assert!(differing(&base, &snapshot(&pipeline)).is_empty());
+}
+
+/// With the UNet's convolution weights stored channels-last (`set_channels_last`), a LoRA set
+/// fuses into them exactly as into contiguous ones (the fixture's LoRAs adapt 3×3 and 1×1
+/// convolutions), switching back restores the layout and the values bit for bit, and the image
+/// is the same up to the convolution algorithms' rounding.
+#[test]
+fn channels_last_weights_take_lora_sets_and_give_the_same_image() {
+    let fixture = fixture();
+    let mut pipeline = load(&fixture);
+    let a = lora(&pipeline, &fixture, "a_kohya.safetensors");
+    let b = lora(&pipeline, &fixture, "b_peft.safetensors");
+    let request = GenerateRequest {
+        prompt: "a storybook fox".to_owned(),
+        width: 64,
+        height: 64,
+        steps: 3,
+        seed: 3,
+        ..GenerateRequest::default()
+    };
+    let conv = |pipeline: &SdxlPipeline| {
+        pipeline.var_store(Component::Unet).unwrap().variables()
+            ["down_blocks.1.resnets.0.conv1.weight"]
+            .shallow_clone()
+    };
+    pipeline.set_loras(&[(&a, 0.8)]).unwrap();
+    let fused = snapshot(&pipeline);
+    let expected = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+
+    pipeline.set_channels_last(true);
+    assert!(pipeline.channels_last());
+    assert!(is_channels_last(&conv(&pipeline)) && !conv(&pipeline).is_contiguous());
+    assert!(differing(&fused, &snapshot(&pipeline)).is_empty());
+    // Switching sets writes into the channels-last weights; A again is A exactly.
+    pipeline.set_loras(&[(&b, 1.0)]).unwrap();
+    pipeline.set_loras(&[(&a, 0.8)]).unwrap();
+    assert!(differing(&fused, &snapshot(&pipeline)).is_empty());
+    assert!(is_channels_last(&conv(&pipeline)));
+    let channels_last = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+    let pixels = common::max_pixel_difference(&channels_last.image, &expected.image);
+    let error = common::relative_error(&channels_last.latents, &expected.latents);
+    assert!(pixels <= 1, "max pixel difference {pixels}");
+    assert!(error <= 1e-5, "latents relative error {error}");
+
+    pipeline.set_channels_last(false);
+    assert!(conv(&pipeline).is_contiguous());
+    assert!(differing(&fused, &snapshot(&pipeline)).is_empty());
 }
 
 fn mismatch(error: EngineError) -> (Vec<String>, Vec<Problem>, Option<String>, String) {

@@ -133,54 +133,62 @@ struct Args {
     /// Also time Darkroom with CUDA graphs off, on the same loaded pipeline (another row).
     #[arg(long)]
     also_eager: bool,
-    /// Darkroom's GroupNorm+SiLU and GEGLU kernels on CUDA: libtorch's (`stock`) or Darkroom's
-    /// fused ones (`fused`, compiled with NVRTC at start).
+    /// Darkroom's GroupNorm+SiLU and GEGLU kernels on CUDA: libtorch's (`stock`), Darkroom's
+    /// fused ones (`fused`, compiled with NVRTC at start), or those with the UNet's and
+    /// ControlNets' convolution weights stored channels-last (`fused-nhwc`).
     #[arg(long, value_enum, default_value_t = Kernels::Stock)]
     kernels: Kernels,
-    /// Also time Darkroom with the other `--kernels` choice, on the same loaded pipeline
-    /// (another row, and the pixel difference between the two).
-    #[arg(long)]
-    also_other_kernels: bool,
-    /// Save each side's last image here (darkroom.png, diffusers.png, and darkroom-eager.png,
-    /// darkroom-fused.png or darkroom-stock.png for the other rows).
+    /// Also time Darkroom with these `--kernels` choices (comma-separated), each on the same
+    /// loaded pipeline: a row each, and the pixel difference from the main row's image.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    also_kernels: Vec<Kernels>,
+    /// Save each side's last image here (darkroom.png, diffusers.png, and darkroom-<row>.png
+    /// for the other rows: eager, stock, fused, fused-nhwc).
     #[arg(long)]
     images: Option<PathBuf>,
 }
 
-/// Whose kernels run GroupNorm+SiLU and GEGLU (`darkroom_inference::kernels`).
+/// Whose kernels run GroupNorm+SiLU and GEGLU (`darkroom_inference::kernels`), and in which
+/// layout the convolutions work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 enum Kernels {
     /// libtorch's.
     Stock,
     /// Darkroom's fused CUDA kernels.
     Fused,
+    /// The fused kernels, with channels-last convolution weights (and so activations).
+    FusedNhwc,
 }
 
 impl Kernels {
-    fn other(self) -> Self {
-        match self {
-            Kernels::Stock => Kernels::Fused,
-            Kernels::Fused => Kernels::Stock,
-        }
-    }
-
     fn name(self) -> &'static str {
         match self {
             Kernels::Stock => "stock",
             Kernels::Fused => "fused",
+            Kernels::FusedNhwc => "fused-nhwc",
         }
     }
 
-    /// Switches to these kernels, process-wide (the fused ones exist on CUDA builds only).
-    fn select(self, cuda_index: Option<usize>) -> anyhow::Result<()> {
+    /// Switches `pipeline` to these kernels (process-wide) and layout; the fused kernels exist
+    /// on CUDA builds only. Recorded CUDA graphs are dropped, to be recorded again.
+    fn select(self, pipeline: &mut SdxlPipeline, cuda_index: Option<usize>) -> anyhow::Result<()> {
         match (self, cuda_index) {
             (Kernels::Stock, _) => darkroom_inference::kernels::disable_fused_kernels(),
             #[cfg(feature = "cuda")]
-            (Kernels::Fused, Some(index)) => {
+            (Kernels::Fused | Kernels::FusedNhwc, Some(index)) => {
                 darkroom_inference::kernels::enable_fused_kernels(index)?
             }
-            (Kernels::Fused, _) => bail!("--kernels fused needs a CUDA build and --device cuda"),
+            (_, _) => bail!(
+                "--kernels {} needs a CUDA build and --device cuda",
+                self.name()
+            ),
+        }
+        pipeline.set_channels_last(self == Kernels::FusedNhwc);
+        #[cfg(feature = "cuda")]
+        {
+            let graphs = pipeline.cuda_graphs().unwrap_or(true);
+            pipeline.set_cuda_graphs(graphs);
         }
         Ok(())
     }
@@ -697,7 +705,6 @@ fn run_darkroom(
             other => bail!("--attention {other}: expected default, fa3 or cudnn"),
         })?;
     }
-    args.kernels.select(cuda_index)?;
     let memory = cuda_index.and_then(GpuMemoryPeak::start);
     let started = Instant::now();
     let options = LoadOptions {
@@ -736,6 +743,8 @@ fn run_darkroom(
     };
     sync();
     let load_s = started.elapsed().as_secs_f64();
+    // After the load clock: compiling the fused kernels (once per process) is not loading.
+    args.kernels.select(&mut pipeline, cuda_index)?;
     #[cfg(feature = "cuda")]
     {
         pipeline.set_cuda_graphs(!args.no_cuda_graphs);
@@ -807,12 +816,8 @@ fn run_darkroom(
         allocator = Some((stats.allocated, stats.peak_allocated, stats.peak_reserved));
     }
     let mut variants = Vec::new();
-    if args.also_other_kernels {
-        let other = args.kernels.other();
-        other.select(cuda_index)?;
-        // Recorded graphs keep the kernels they were recorded with: record new ones.
-        #[cfg(feature = "cuda")]
-        pipeline.set_cuda_graphs(!args.no_cuda_graphs);
+    for &other in &args.also_kernels {
+        other.select(&mut pipeline, cuda_index)?;
         eprintln!(
             "darkroom ({} kernels): warm-up + {} runs…",
             other.name(),
@@ -824,7 +829,9 @@ fn run_darkroom(
             side,
             image,
         });
-        args.kernels.select(cuda_index)?;
+    }
+    if !args.also_kernels.is_empty() {
+        args.kernels.select(&mut pipeline, cuda_index)?;
     }
     if args.also_eager {
         #[cfg(feature = "cuda")]

@@ -155,14 +155,18 @@ impl LoraFuser {
                     continue;
                 };
                 let fail = |source| (key.clone(), source);
-                // Weights are handled as `[1, out, in·kh·kw]` matrices, the factors' layout.
-                let mut matrix = var.f_view(matrix_shape(&var.size())).map_err(fail)?;
+                // Weights are handled as `[1, out, in·kh·kw]` matrices, the factors' layout
+                // (whatever the weight's own layout: a convolution's may be channels-last).
                 if !self.pristine.contains_key(key) {
                     // Only parameters of the new set are missing here (restored ones were
                     // copied when first adapted).
-                    let copy = matrix
-                        .f_empty_like()
-                        .and_then(|mut copy| copy.f_copy_(&matrix).map(|_| copy))
+                    let copy = var
+                        .f_reshape(matrix_shape(&var.size()))
+                        .and_then(|matrix| {
+                            let mut copy = matrix.f_empty_like()?;
+                            copy.f_copy_(&matrix)?;
+                            Ok(copy)
+                        })
                         .map_err(fail)?;
                     self.pristine.insert(key.clone(), copy);
                 }
@@ -172,11 +176,11 @@ impl LoraFuser {
                 match plan.get(key) {
                     Some(modules) => {
                         let value = fused(base, modules).map_err(fail)?;
-                        matrix.f_copy_(&value).map_err(fail)?;
+                        write_matrix(&var, &value).map_err(fail)?;
                         counts.0 += 1;
                     }
                     None => {
-                        matrix.f_copy_(base).map_err(fail)?;
+                        write_matrix(&var, base).map_err(fail)?;
                         counts.1 += 1;
                     }
                 }
@@ -188,10 +192,8 @@ impl LoraFuser {
             // Leave the model as the base: every touched weight that has a copy goes back.
             tch::no_grad(|| {
                 for key in &touched {
-                    if let (Some(var), Some(base)) = (variable(key), self.pristine.get(key))
-                        && let Ok(mut matrix) = var.f_view(matrix_shape(&var.size()))
-                    {
-                        let _ = matrix.f_copy_(base);
+                    if let (Some(var), Some(base)) = (variable(key), self.pristine.get(key)) {
+                        let _ = write_matrix(&var, base);
                     }
                 }
             });
@@ -210,6 +212,14 @@ impl LoraFuser {
             elapsed: started.elapsed(),
         })
     }
+}
+
+/// Writes a `[1, out, in·kh·kw]` matrix into the weight it stands for, in place (recorded CUDA
+/// graphs keep reading the same memory), whatever the weight's layout.
+fn write_matrix(var: &Tensor, matrix: &Tensor) -> Result<(), tch::TchError> {
+    let mut var = var.shallow_clone();
+    var.f_copy_(&matrix.f_view(var.size().as_slice())?)?;
+    Ok(())
 }
 
 /// `[1, out, in·kh·kw]` for a weight of shape `[out, in, kh, kw]` (or `[out, in]`).

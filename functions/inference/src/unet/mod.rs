@@ -839,7 +839,9 @@ impl UNet2DConditionModel {
         let hidden = match self.conv_act {
             Activation::Silu => self.conv_norm_out.forward_silu(&hidden),
         };
-        Ok(self.conv_out.forward(&hidden))
+        // Contiguous whatever the weights' layout (channels-last convolutions give channels-last
+        // maps): the schedulers and the VAE get the layout they expect.
+        Ok(self.conv_out.forward(&hidden).contiguous())
     }
 }
 
