@@ -287,6 +287,47 @@ at::Tensor geglu(const at::Tensor& input) {
   return out;
 }
 
+// `(a + b, layer_norm(a + b))` over the last dimension of two like tensors.
+std::pair<at::Tensor, at::Tensor> add_layer_norm(const at::Tensor& a, const at::Tensor& b,
+                                                 const at::Tensor& weight, const at::Tensor& bias,
+                                                 double eps) {
+  TORCH_CHECK(a.is_cuda() && a.is_contiguous() && a.dim() >= 1,
+              "add layer norm: the inputs must be contiguous CUDA tensors");
+  check_like(b, a, "add layer norm: the second input");
+  TORCH_CHECK(b.sizes() == a.sizes(), "add layer norm: the inputs' shapes differ");
+  check_like(weight, a, "layer norm weight");
+  check_like(bias, a, "layer norm bias");
+  const int64_t width = a.size(-1);
+  TORCH_CHECK(weight.numel() == width && bias.numel() == width,
+              "add layer norm: weight and bias must have one value per column");
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor sum = at::empty(a.sizes(), a.options());
+  at::Tensor normed = at::empty(a.sizes(), a.options());
+  if (a.numel() == 0) return {sum, normed};
+  const int64_t rows = a.numel() / width;
+  const bool all_aligned = aligned(a) && aligned(b) && aligned(weight) && aligned(bias) &&
+                           aligned(sum) && aligned(normed);
+  const darkroom::AddLayerNormPlan plan =
+      darkroom::plan_add_layer_norm(rows, width, a.element_size(), all_aligned);
+  const cudaKernel_t add_norm =
+      kernel(a.get_device(), std::string("darkroom_add_layer_norm_") + type_suffix(a) +
+                                 (plan.vectorized ? "_vec" : "_scalar"));
+  const void* a_ptr = a.data_ptr();
+  const void* b_ptr = b.data_ptr();
+  const void* weight_ptr = weight.data_ptr();
+  const void* bias_ptr = bias.data_ptr();
+  void* sum_ptr = sum.data_ptr();
+  void* normed_ptr = normed.data_ptr();
+  int64_t rows_arg = rows;
+  TORCH_CHECK(width <= (int64_t{1} << 30), "add layer norm: rows too wide");
+  int width_arg = static_cast<int>(width);
+  float eps_arg = static_cast<float>(eps);
+  void* args[] = {&a_ptr,   &b_ptr,      &weight_ptr, &bias_ptr, &sum_ptr,
+                  &normed_ptr, &rows_arg, &width_arg,  &eps_arg};
+  launch(add_norm, dim3(static_cast<unsigned>(plan.blocks)), args, kThreads);
+  return {sum, normed};
+}
+
 }  // namespace
 
 extern "C" {
@@ -317,6 +358,19 @@ void* darkroom_geglu(const void* input, char** error) {
   at::Tensor* result = nullptr;
   guarded(error, [&] { result = new at::Tensor(geglu(*static_cast<const at::Tensor*>(input))); });
   return result;
+}
+
+// `a + b` into `*sum` and LayerNorm of it (last dimension) into `*normed`, both new tensors;
+// false with `*error` set on failure.
+bool darkroom_add_layer_norm(const void* a, const void* b, const void* weight, const void* bias,
+                             double eps, void** sum, void** normed, char** error) {
+  return guarded(error, [&] {
+    auto [s, n] = add_layer_norm(
+        *static_cast<const at::Tensor*>(a), *static_cast<const at::Tensor*>(b),
+        *static_cast<const at::Tensor*>(weight), *static_cast<const at::Tensor*>(bias), eps);
+    *sum = new at::Tensor(std::move(s));
+    *normed = new at::Tensor(std::move(n));
+  });
 }
 
 }  // extern "C"

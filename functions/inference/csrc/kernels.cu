@@ -1,6 +1,7 @@
 // Fused CUDA kernels for sequences libtorch runs as several kernels, each a full pass over
 // memory: GroupNorm (statistics, fused parameters, apply) followed by SiLU, with the time
-// embedding's per-channel addition before it; and GEGLU (GELU of one half, times the other).
+// embedding's per-channel addition before it; GEGLU (GELU of one half, times the other); and a
+// residual addition followed by LayerNorm.
 //
 // Compiled at run time by NVRTC (csrc/cuda_graph.cpp, `darkroom_kernels_load`) for the device's
 // architecture, so this file includes nothing: half-precision conversions are written out here.
@@ -10,10 +11,11 @@
 //
 // Layout: GroupNorm takes `[n, c, *spatial]` contiguous tensors, where each (sample, group) is
 // one contiguous slab of `c / groups × spatial` elements, or channels-last `[n, c, h, w]`
-// tensors (the `_nhwc` kernels); GEGLU takes `[rows, 2 × inner]`.
+// tensors (the `_nhwc` kernels); GEGLU takes `[rows, 2 × inner]`; the residual LayerNorm
+// `[rows, width]`.
 // Kernels whose name ends in `_vec` read and write 16 bytes at a time: the host picks them only
-// when `spatial` (GroupNorm) or `inner` (GEGLU) is a multiple of the vector width and every
-// pointer is 16-byte aligned.
+// when `spatial` (GroupNorm), `inner` (GEGLU) or `width` (LayerNorm) is a multiple of the vector
+// width and every pointer is 16-byte aligned.
 
 typedef unsigned short bits16;
 typedef long long i64;
@@ -362,6 +364,51 @@ __device__ void group_norm_apply_nhwc(const typename E::Storage* x,
   }
 }
 
+// `sum = a + b` and `normed = layer_norm(sum)` over rows of `width` values: a transformer
+// block's residual addition and the next sublayer's LayerNorm in one pass. One warp per row; the
+// statistics are those of `sum` as stored (rounded to the storage precision), as libtorch's
+// LayerNorm would read it back.
+template <class E, int V>
+__device__ void add_layer_norm(const typename E::Storage* a, const typename E::Storage* b,
+                               const typename E::Storage* weight,
+                               const typename E::Storage* bias, typename E::Storage* sum,
+                               typename E::Storage* normed, i64 rows, int width, float eps) {
+  const i64 row = static_cast<i64>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // the whole warp: no block-wide synchronisation below
+  const i64 start = row * width;
+  Moments m = {0.f, 0.f, 0.f};
+  for (int column = lane * V; column < width; column += 32 * V) {
+    float x[V], y[V];
+    load_vector<E, V>(a + start + column, x);
+    load_vector<E, V>(b + start + column, y);
+    float total = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      x[k] = E::load(E::store(x[k] + y[k]));
+      total += x[k];
+    }
+    store_vector<E, V>(sum + start + column, x);
+    const float mean = total / V;
+    float m2 = 0.f;
+#pragma unroll
+    for (int k = 0; k < V; ++k) m2 += (x[k] - mean) * (x[k] - mean);
+    m = merge(m, Moments{static_cast<float>(V), mean, m2});
+  }
+  m = merge_warp(m);
+  const float mean = __shfl_sync(0xffffffffu, m.mean, 0);
+  const float rstd = rsqrtf(fmaxf(__shfl_sync(0xffffffffu, m.m2 / m.count, 0), 0.f) + eps);
+  for (int column = lane * V; column < width; column += 32 * V) {
+    float x[V], w[V], c[V];
+    load_vector<E, V>(sum + start + column, x);  // this lane's own stores above
+    load_vector<E, V>(weight + column, w);
+    load_vector<E, V>(bias + column, c);
+#pragma unroll
+    for (int k = 0; k < V; ++k) x[k] = (x[k] - mean) * rstd * w[k] + c[k];
+    store_vector<E, V>(normed + start + column, x);
+  }
+}
+
 // `out[r, j] = in[r, j] · gelu(in[r, inner + j])` with the exact (erf) GELU.
 template <class E, int V>
 __device__ void geglu(const typename E::Storage* in, typename E::Storage* out, i64 rows,
@@ -403,6 +450,12 @@ __device__ void geglu(const typename E::Storage* in, typename E::Storage* out, i
       darkroom_geglu_##NAME##SUFFIX(const E::Storage* in, E::Storage* out, i64 rows,           \
                                     i64 inner) {                                               \
     geglu<E, V>(in, out, rows, inner);                                                         \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(256) darkroom_add_layer_norm_##NAME##SUFFIX(    \
+      const E::Storage* a, const E::Storage* b, const E::Storage* weight,                      \
+      const E::Storage* bias, E::Storage* sum, E::Storage* normed, i64 rows, int width,        \
+      float eps) {                                                                             \
+    add_layer_norm<E, V>(a, b, weight, bias, sum, normed, rows, width, eps);                   \
   }
 
 DARKROOM_KERNELS(Float32, f32, 4, _vec)

@@ -67,6 +67,17 @@ inline GroupNormNhwcPlan plan_group_norm_nhwc(int64_t samples, int64_t channels,
   return {true, width, columns * row_slots, parts, apply_parts};
 }
 
+struct AddLayerNormPlan {
+  bool vectorized;
+  int64_t blocks;  // one warp per row, kThreads / 32 rows per block
+};
+
+inline AddLayerNormPlan plan_add_layer_norm(int64_t rows, int64_t width, int64_t element_size,
+                                            bool aligned) {
+  const bool vectorized = aligned && width % vector_width(element_size) == 0;
+  return {vectorized, std::max<int64_t>(1, ceil_div(rows, kThreads / 32))};
+}
+
 struct GegluPlan {
   bool vectorized;
   int64_t blocks;  // a grid-stride loop covers the rest

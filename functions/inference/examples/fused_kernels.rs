@@ -12,11 +12,11 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Parser;
 use darkroom_inference::device::{DType, DeviceSpec, resolve};
-use darkroom_inference::kernels::{self, geglu, group_norm};
+use darkroom_inference::kernels::{self, add_layer_norm, geglu, group_norm};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser)]
-#[command(about = "Fused GroupNorm+SiLU and GEGLU kernels against libtorch's, on a CUDA device")]
+#[command(about = "Darkroom's fused kernels against libtorch's, on a CUDA device")]
 struct Args {
     /// cuda or cuda:N.
     #[arg(long, default_value = "cuda")]
@@ -45,6 +45,8 @@ enum Op {
     },
     /// GEGLU of `[n, tokens, 2 × inner]`.
     Geglu { shape: [i64; 3] },
+    /// `layer_norm(a + b)` over `[n, tokens, width]` (the norm's output is compared).
+    AddLayerNorm { shape: [i64; 3] },
 }
 
 fn cases() -> Vec<Case> {
@@ -127,6 +129,20 @@ fn cases() -> Vec<Case> {
             op: norm([1, 128, 1024, 1024], false, true, 1e-6),
         },
         Case {
+            name: "add+LayerNorm 4096 tokens × 640",
+            kind: Half,
+            op: Op::AddLayerNorm {
+                shape: [2, 4096, 640],
+            },
+        },
+        Case {
+            name: "add+LayerNorm 1024 tokens × 1280",
+            kind: Half,
+            op: Op::AddLayerNorm {
+                shape: [2, 1024, 1280],
+            },
+        },
+        Case {
             name: "GEGLU 4096 tokens, inner 2560",
             kind: Half,
             op: Op::Geglu {
@@ -188,6 +204,18 @@ fn run(op: &Op, kind: Kind, device: Device) -> Workload {
         Op::Geglu { shape } => {
             let inputs = vec![Tensor::randn(shape, (kind, device)) * 2.0];
             (inputs, Box::new(|t: &[Tensor]| geglu(&t[0])))
+        }
+        Op::AddLayerNorm { shape } => {
+            let options = (kind, device);
+            let width = shape[2];
+            let inputs = vec![
+                Tensor::randn(shape, options) * 2.0,
+                Tensor::randn(shape, options) * 4.0 + Tensor::randn([width], options) * 3.0,
+                Tensor::rand([width], options) + 0.5,
+                Tensor::randn([width], options) * 0.1,
+            ];
+            let f = |t: &[Tensor]| add_layer_norm(&t[0], &t[1], (&t[2], &t[3]), 1e-5).1;
+            (inputs, Box::new(f))
         }
     }
 }

@@ -55,6 +55,16 @@ unsafe extern "C" {
         error: *mut *mut c_char,
     ) -> *mut c_void;
     fn darkroom_geglu(input: *const c_void, error: *mut *mut c_char) -> *mut c_void;
+    fn darkroom_add_layer_norm(
+        a: *const c_void,
+        b: *const c_void,
+        weight: *const c_void,
+        bias: *const c_void,
+        eps: f64,
+        sum: *mut *mut c_void,
+        normed: *mut *mut c_void,
+        error: *mut *mut c_char,
+    ) -> bool;
 }
 
 /// Runs one shim call with an error slot; a set slot becomes [`EngineError::Cuda`].
@@ -312,4 +322,33 @@ pub fn fused_geglu(input: &Tensor) -> Result<Tensor> {
         darkroom_geglu(input.as_ptr().cast(), e)
     })?;
     owned_tensor("fused geglu", raw)
+}
+
+/// `(a + b, layer_norm(a + b))` over the last dimension of two like tensors (contiguous, CUDA):
+/// a residual addition and the next LayerNorm in one kernel.
+pub fn fused_add_layer_norm(
+    a: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (mut sum, mut normed) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: live tch tensor handles, only read; the out-pointers are locals.
+    call("fused add layer norm", |e| unsafe {
+        darkroom_add_layer_norm(
+            a.as_ptr().cast(),
+            b.as_ptr().cast(),
+            weight.as_ptr().cast(),
+            bias.as_ptr().cast(),
+            eps,
+            &mut sum,
+            &mut normed,
+            e,
+        )
+    })?;
+    Ok((
+        owned_tensor("fused add layer norm", sum)?,
+        owned_tensor("fused add layer norm", normed)?,
+    ))
 }

@@ -1,6 +1,7 @@
 //! Fused kernels in place of sequences libtorch runs as separate kernels, each a full pass over
 //! memory: GroupNorm followed by SiLU (with the time embedding's per-channel addition before it,
-//! as every UNet residual block does) and GEGLU (the transformer blocks' feed-forward gate).
+//! as every UNet residual block does), GEGLU (the transformer blocks' feed-forward gate), and a
+//! residual addition followed by the next sublayer's LayerNorm.
 //!
 //! The model code calls them through [`crate::layers::GroupNorm`] and [`geglu`]; they run the fused CUDA kernels
 //! (`csrc/kernels.cu`, through [`crate::cuda`]) when those are switched on and the tensors suit
@@ -74,6 +75,28 @@ pub fn group_norm(
     };
     let normed = input.group_norm(groups, Some(weight), Some(bias), eps, true);
     if silu { normed.silu() } else { normed }
+}
+
+/// `(a + b, layer_norm(a + b))` over the last dimension (`weight`, `bias` of its width): a
+/// residual addition and the LayerNorm of the next sublayer.
+pub fn add_layer_norm(
+    a: &Tensor,
+    b: &Tensor,
+    (weight, bias): (&Tensor, &Tensor),
+    eps: f64,
+) -> (Tensor, Tensor) {
+    #[cfg(feature = "cuda")]
+    {
+        let like = |t: &Tensor| t.kind() == a.kind() && t.is_contiguous();
+        if suits_fused(a, false) && like(b) && b.size() == a.size() && like(weight) && like(bias) {
+            return crate::cuda::fused_add_layer_norm(a, b, weight, bias, eps)
+                .unwrap_or_else(|e| panic!("fused add+LayerNorm kernel: {e}"));
+        }
+    }
+    let sum = a + b;
+    let width = sum.size().last().copied().unwrap_or(1);
+    let normed = sum.layer_norm([width], Some(weight), Some(bias), eps, true);
+    (sum, normed)
 }
 
 /// GEGLU: `[..., 2 × inner]` → the first half times the exact GELU of the second.

@@ -132,6 +132,44 @@ impl GroupNorm {
     }
 }
 
+/// An affine LayerNorm over the last dimension (diffusers' `nn.LayerNorm` parameters), which can
+/// also take the residual addition before it: the transformer blocks' sequence, which
+/// [`crate::kernels`] runs fused on CUDA when asked.
+#[derive(Debug)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// `weight` (ones) and `bias` (zeros) of `dim` values under `path`.
+    pub(crate) fn new(path: nn::Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: path.var("weight", &[dim], nn::Init::Const(1.0)),
+            bias: path.var("bias", &[dim], ZERO),
+            eps,
+        }
+    }
+
+    /// Normalised over the last dimension, then scaled and shifted.
+    pub(crate) fn forward(&self, xs: &Tensor) -> Tensor {
+        let width = xs.size().last().copied().unwrap_or(1);
+        xs.layer_norm(
+            [width],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+
+    /// `(a + b, norm(a + b))`.
+    pub(crate) fn add_forward(&self, a: &Tensor, b: &Tensor) -> (Tensor, Tensor) {
+        kernels::add_layer_norm(a, b, (&self.weight, &self.bias), self.eps)
+    }
+}
+
 /// An affine LayerNorm over the last dimension.
 pub(crate) fn layer_norm(path: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
     nn::layer_norm(

@@ -25,7 +25,12 @@ fn crate_dir() -> &'static Path {
 /// Every kernel `csrc/fused_kernels.cpp` asks the compiled library for.
 fn kernel_names() -> Vec<String> {
     let mut names = Vec::new();
-    for op in ["group_norm_moments", "group_norm_apply", "geglu"] {
+    for op in [
+        "group_norm_moments",
+        "group_norm_apply",
+        "geglu",
+        "add_layer_norm",
+    ] {
         for dtype in ["f32", "f16", "bf16"] {
             for width in ["vec", "scalar"] {
                 names.push(format!("darkroom_{op}_{dtype}_{width}"));
@@ -171,8 +176,13 @@ fn tensor(bytes: &[u8], kind: Kind, shape: &[i64]) -> Tensor {
     t.view(shape)
 }
 
-/// Runs the emulator on `inputs` (written to files); its output tensor and the plan it printed.
-fn emulate(args: &[String], inputs: &[Option<&Tensor>], out: (Kind, &[i64])) -> (Tensor, String) {
+/// Runs the emulator on `inputs` (written to files, `None` as `-`); its outputs and the plan it
+/// printed.
+fn emulate(
+    args: &[String],
+    inputs: &[Option<&Tensor>],
+    outputs: &[(Kind, &[i64])],
+) -> (Vec<Tensor>, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new(emulator());
     command.args(args);
@@ -188,18 +198,22 @@ fn emulate(args: &[String], inputs: &[Option<&Tensor>], out: (Kind, &[i64])) -> 
             }
         }
     }
-    let out_path = dir.path().join("out");
-    let output = command.arg(&out_path).output().unwrap();
+    let paths: Vec<PathBuf> = (0..outputs.len())
+        .map(|i| dir.path().join(format!("out{i}")))
+        .collect();
+    let output = command.args(&paths).output().unwrap();
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
     let plan = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-    (
-        tensor(&std::fs::read(out_path).unwrap(), out.0, out.1),
-        plan,
-    )
+    let tensors = paths
+        .iter()
+        .zip(outputs)
+        .map(|(path, (kind, shape))| tensor(&std::fs::read(path).unwrap(), *kind, shape))
+        .collect();
+    (tensors, plan)
 }
 
 /// The fused result is as close to the f32 computation as libtorch's own result in `kind`
@@ -322,11 +336,11 @@ fn emulated_group_norm_kernels_match_libtorch() {
             Some(&weight),
             Some(&bias),
         ];
-        let (fused, plan) = emulate(&args, &inputs, (c.kind, &out_shape));
+        let (outputs, plan) = emulate(&args, &inputs, &[(c.kind, &out_shape)]);
         let fused = if c.channels_last {
-            fused.permute([0, 3, 1, 2])
+            outputs[0].permute([0, 3, 1, 2])
         } else {
-            fused
+            outputs[0].shallow_clone()
         };
         let name = format!(
             "{:?} {:?} groups {}, channels-last {}",
@@ -365,9 +379,58 @@ fn emulated_geglu_kernels_match_libtorch() {
         ]
         .map(str::to_owned)
         .into();
-        let (fused, plan) = emulate(&args, &[Some(&input)], (kind, &[rows, inner]));
+        let (outputs, plan) = emulate(&args, &[Some(&input)], &[(kind, &[rows, inner])]);
         let name = format!("{kind:?} {rows}×{inner}");
         assert_eq!(plan, expected_plan, "{name}");
-        assert_close(&name, &fused, &stock, &reference, kind);
+        assert_close(&name, &outputs[0], &stock, &reference, kind);
+    }
+}
+
+#[test]
+fn emulated_add_layer_norm_kernels_match_libtorch() {
+    // (kind, rows, width, plan): SDXL's widths with vector loads, a width no vector divides
+    // (and under a warp's 32 × 8), a partly filled last block (9 rows, 8 per block).
+    let cases = [
+        (Kind::Half, 6, 640, "vec blocks=1"),
+        (Kind::BFloat16, 5, 1280, "vec blocks=1"),
+        (Kind::Float, 3, 100, "vec blocks=1"),
+        (Kind::Half, 9, 77, "scalar blocks=2"),
+    ];
+    tch::manual_seed(13);
+    let eps = 1e-5;
+    for (kind, rows, width, expected_plan) in cases {
+        let f32s = (Kind::Float, Device::Cpu);
+        let a = (Tensor::randn([rows, width], f32s) * 2.0).to_kind(kind);
+        // The residual stream: an offset per column, larger than the sublayer's output.
+        let b = (Tensor::randn([rows, width], f32s) * 4.0 + Tensor::randn([width], f32s) * 3.0)
+            .to_kind(kind);
+        let weight = (Tensor::rand([width], f32s) + 0.5).to_kind(kind);
+        let bias = (Tensor::randn([width], f32s) * 0.1).to_kind(kind);
+        let norm = |t: &Tensor, w: &Tensor, c: &Tensor| {
+            t.layer_norm([width], Some(w), Some(c), eps, false)
+        };
+        let sum = &a + &b;
+        let up = |t: &Tensor| t.to_kind(Kind::Float);
+        let reference = norm(&up(&sum), &up(&weight), &up(&bias));
+        let stock = norm(&sum, &weight, &bias);
+        let args: Vec<String> = [
+            "add_layer_norm",
+            dtype_name(kind),
+            &rows.to_string(),
+            &width.to_string(),
+            &eps.to_string(),
+        ]
+        .map(str::to_owned)
+        .into();
+        let inputs = [Some(&a), Some(&b), Some(&weight), Some(&bias)];
+        let shape = [rows, width];
+        let (outputs, plan) = emulate(&args, &inputs, &[(kind, &shape), (kind, &shape)]);
+        let name = format!("{kind:?} {rows}×{width}");
+        assert_eq!(plan, expected_plan, "{name}");
+        assert!(
+            outputs[0].equal(&sum),
+            "{name}: the sum differs from libtorch's"
+        );
+        assert_close(&name, &outputs[1], &stock, &reference, kind);
     }
 }

@@ -85,6 +85,17 @@ inline float __shfl_down_sync(unsigned, float value, int offset) {
   return result;
 }
 
+// Every lane of the warp must call it.
+inline float __shfl_sync(unsigned, float value, int source_lane) {
+  auto& warp = *emulated::block->warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x % 32;
+  warp.lanes[lane] = value;
+  warp.sync.arrive_and_wait();
+  const float result = warp.lanes[source_lane];
+  warp.sync.arrive_and_wait();
+  return result;
+}
+
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, sizeof f);

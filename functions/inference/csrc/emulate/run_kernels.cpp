@@ -5,6 +5,7 @@
 //   run_kernels group_norm|group_norm_nhwc DTYPE SAMPLES CHANNELS GROUPS SPATIAL EPS SILU
 //       MULTIPROCESSORS X SHIFT|- WEIGHT BIAS OUT
 //   run_kernels geglu DTYPE ROWS INNER MULTIPROCESSORS IN OUT
+//   run_kernels add_layer_norm DTYPE ROWS WIDTH EPS A B WEIGHT BIAS SUM NORMED
 //
 // DTYPE is f32, f16 or bf16; files hold the elements in native byte order (`group_norm_nhwc`:
 // X and OUT channels-last, `[n, spatial, c]`). Prints the plan it launched, e.g.
@@ -29,7 +30,8 @@ namespace {
 #define DARKROOM_ENTRIES(NAME, SUFFIX)                         \
   DARKROOM_ENTRY(darkroom_group_norm_moments_##NAME##SUFFIX),  \
       DARKROOM_ENTRY(darkroom_group_norm_apply_##NAME##SUFFIX), \
-      DARKROOM_ENTRY(darkroom_geglu_##NAME##SUFFIX)
+      DARKROOM_ENTRY(darkroom_geglu_##NAME##SUFFIX),            \
+      DARKROOM_ENTRY(darkroom_add_layer_norm_##NAME##SUFFIX)
 #define DARKROOM_NHWC_ENTRIES(NAME, V)                             \
   DARKROOM_ENTRY(darkroom_group_norm_moments_nhwc_##NAME##_v##V), \
       DARKROOM_ENTRY(darkroom_group_norm_apply_nhwc_##NAME##_v##V)
@@ -94,6 +96,8 @@ using Apply = void (*)(const S*, const S*, const S*, const S*, const float*, S*,
                        int, float, int);
 template <class S>
 using Geglu = void (*)(const S*, S*, i64, i64);
+template <class S>
+using AddLayerNorm = void (*)(const S*, const S*, const S*, const S*, S*, S*, i64, int, float);
 
 template <class S>
 void group_norm(char** argv, const std::string& dtype, bool nhwc) {
@@ -160,8 +164,33 @@ void geglu(char** argv, const std::string& dtype) {
 }
 
 template <class S>
+void add_layer_norm(char** argv, const std::string& dtype) {
+  const int64_t size = sizeof(S);
+  const int64_t rows = std::stoll(argv[3]), width = std::stoll(argv[4]);
+  const float eps = std::stof(argv[5]);
+  const auto plan = darkroom::plan_add_layer_norm(rows, width, size, true);
+  const size_t bytes = static_cast<size_t>(rows * width * size);
+  Buffer a = read(argv[6], bytes), b = read(argv[7], bytes);
+  Buffer weight = read(argv[8], width * size), bias = read(argv[9], width * size);
+  Buffer sum = zeros(bytes), normed = zeros(bytes);
+  const std::string name =
+      "darkroom_add_layer_norm_" + dtype + (plan.vectorized ? "_vec" : "_scalar");
+  emulated::launch(kernel<AddLayerNorm<S>>(name), plan.blocks, 1, darkroom::kThreads,
+                   static_cast<const S*>(a.data()), static_cast<const S*>(b.data()),
+                   static_cast<const S*>(weight.data()), static_cast<const S*>(bias.data()),
+                   static_cast<S*>(sum.data()), static_cast<S*>(normed.data()), rows,
+                   static_cast<int>(width), eps);
+  write(argv[10], sum);
+  write(argv[11], normed);
+  std::printf("%s blocks=%lld\n", plan.vectorized ? "vec" : "scalar",
+              static_cast<long long>(plan.blocks));
+}
+
+template <class S>
 void run(char** argv, const std::string& op, const std::string& dtype) {
-  if (op == "geglu") {
+  if (op == "add_layer_norm") {
+    add_layer_norm<S>(argv, dtype);
+  } else if (op == "geglu") {
     geglu<S>(argv, dtype);
   } else {
     group_norm<S>(argv, dtype, op == "group_norm_nhwc");
@@ -174,7 +203,8 @@ int main(int argc, char** argv) {
   try {
     const std::string op = argc > 2 ? argv[1] : "";
     const bool norm = op == "group_norm" || op == "group_norm_nhwc";
-    if (!((norm && argc == 15) || (op == "geglu" && argc == 8))) {
+    if (!((norm && argc == 15) || (op == "geglu" && argc == 8) ||
+          (op == "add_layer_norm" && argc == 12))) {
       std::fprintf(stderr, "usage: see the top of run_kernels.cpp\n");
       return 2;
     }

@@ -278,10 +278,10 @@ impl FeedForward {
 /// diffusers' `BasicTransformerBlock` with `norm_type="layer_norm"`.
 #[derive(Debug)]
 pub struct BasicTransformerBlock {
-    norm1: nn::LayerNorm,
+    norm1: layers::LayerNorm,
     attn1: Attention,
-    cross: Option<(nn::LayerNorm, Attention)>,
-    norm3: nn::LayerNorm,
+    cross: Option<(layers::LayerNorm, Attention)>,
+    norm3: layers::LayerNorm,
     ff: FeedForward,
 }
 
@@ -298,7 +298,7 @@ impl BasicTransformerBlock {
         let eps = 1e-5;
         let cross = match cross_attention_dim {
             Some(context_dim) => Some((
-                layers::layer_norm(&path / "norm2", dim, eps),
+                layers::LayerNorm::new(&path / "norm2", dim, eps),
                 Attention::new(
                     &path / "attn2",
                     dim,
@@ -310,7 +310,7 @@ impl BasicTransformerBlock {
             None => None,
         };
         Ok(Self {
-            norm1: layers::layer_norm(&path / "norm1", dim, eps),
+            norm1: layers::LayerNorm::new(&path / "norm1", dim, eps),
             attn1: Attention::new(
                 &path / "attn1",
                 dim,
@@ -319,7 +319,7 @@ impl BasicTransformerBlock {
                 attention_head_dim,
             )?,
             cross,
-            norm3: layers::layer_norm(&path / "norm3", dim, eps),
+            norm3: layers::LayerNorm::new(&path / "norm3", dim, eps),
             ff: FeedForward::new(&path / "ff", dim)?,
         })
     }
@@ -331,12 +331,17 @@ impl BasicTransformerBlock {
 
     /// `xs`: `[b, n, dim]` tokens; `context`: `[b, m, cross_attention_dim]` text states.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
-        let xs = self.attn1.forward(&self.norm1.forward(xs), None) + xs;
-        let xs = match &self.cross {
-            Some((norm2, attn2)) => attn2.forward(&norm2.forward(&xs), context) + xs,
-            None => xs,
+        // Each residual addition comes with the next sublayer's LayerNorm (one fused kernel).
+        let attended = self.attn1.forward(&self.norm1.forward(xs), None);
+        let (xs, normed) = match &self.cross {
+            Some((norm2, attn2)) => {
+                let (xs, normed) = norm2.add_forward(&attended, xs);
+                let attended = attn2.forward(&normed, context);
+                self.norm3.add_forward(&attended, &xs)
+            }
+            None => self.norm3.add_forward(&attended, xs),
         };
-        self.ff.forward(&self.norm3.forward(&xs)) + xs
+        self.ff.forward(&normed) + xs
     }
 }
 
