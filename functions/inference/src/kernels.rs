@@ -18,6 +18,51 @@ use tch::Tensor;
 
 static FUSED: AtomicBool = AtomicBool::new(false);
 
+/// Which kernels a pipeline runs GroupNorm+SiLU, GEGLU and add+LayerNorm with on CUDA, and in
+/// which layout its convolutions work ([`crate::pipeline::SdxlPipeline::use_kernels`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelChoice {
+    /// libtorch's kernels, NCHW convolutions (the default until the fused ones are measured).
+    #[default]
+    Stock,
+    /// The fused kernels, NCHW convolutions.
+    Fused,
+    /// The fused kernels, channels-last convolution weights (so channels-last maps).
+    FusedNhwc,
+}
+
+impl KernelChoice {
+    /// Every choice, in order.
+    pub const ALL: [KernelChoice; 3] = [Self::Stock, Self::Fused, Self::FusedNhwc];
+
+    /// `stock`, `fused` or `fused-nhwc`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stock => "stock",
+            Self::Fused => "fused",
+            Self::FusedNhwc => "fused-nhwc",
+        }
+    }
+}
+
+impl std::fmt::Display for KernelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|choice| choice.name() == s)
+            .ok_or_else(|| format!("unknown kernels {s:?} (expected stock, fused or fused-nhwc)"))
+    }
+}
+
 /// Whether the fused kernels replace libtorch's on CUDA tensors (process-wide; off by default).
 pub fn fused_kernels() -> bool {
     FUSED.load(Ordering::Relaxed)
@@ -158,6 +203,15 @@ mod tests {
         let got = group_norm(&xs, Some(&shift), affine, 4, 1e-6, true);
         assert!(got.equal(&expected));
         assert!(group_norm(&xs, None, affine, 4, 1e-6, false).equal(&norm(&xs)));
+    }
+
+    #[test]
+    fn kernel_choices_parse_from_their_names() {
+        for choice in KernelChoice::ALL {
+            assert_eq!(choice.name().parse::<KernelChoice>(), Ok(choice));
+        }
+        let error = "fast".parse::<KernelChoice>().expect_err("not a choice");
+        assert!(error.contains("stock, fused or fused-nhwc"), "{error}");
     }
 
     #[test]

@@ -460,6 +460,40 @@ impl SdxlPipeline {
                 relayout(&mut var, enabled);
             }
         }
+        self.drop_recorded_graphs();
+    }
+
+    /// Runs on `choice`'s kernels and layout: the fused kernels are compiled for the pipeline's
+    /// CUDA device (once per process) and switched on or off process-wide, convolution weights
+    /// relaid ([`Self::set_channels_last`]), recorded CUDA graphs dropped.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidConfig`] for the fused kernels on the CPU or in a build without the
+    /// `cuda` feature; [`EngineError::Cuda`] when they cannot be compiled for the device.
+    pub fn use_kernels(&mut self, choice: crate::kernels::KernelChoice) -> Result<()> {
+        use crate::kernels::{self, KernelChoice};
+        match (choice, self.device) {
+            (KernelChoice::Stock, _) => kernels::disable_fused_kernels(),
+            #[cfg(feature = "cuda")]
+            (_, Device::Cuda(index)) => kernels::enable_fused_kernels(index)?,
+            (_, device) => {
+                return Err(EngineError::InvalidConfig {
+                    component: "kernels",
+                    message: format!(
+                        "the {choice} kernels need a CUDA device and a build with the `cuda` \
+                         feature (the pipeline runs on {device:?})"
+                    ),
+                });
+            }
+        }
+        self.set_channels_last(choice == KernelChoice::FusedNhwc);
+        self.drop_recorded_graphs();
+        Ok(())
+    }
+
+    /// Forgets the recorded CUDA graphs (they hold the kernels and weights of when they were
+    /// recorded); steps record new ones, unless graphs are off.
+    fn drop_recorded_graphs(&self) {
         #[cfg(feature = "cuda")]
         {
             let graphs_on = !matches!(

@@ -17,7 +17,7 @@ use std::process::Command;
 use darkroom_inference::EngineError;
 use darkroom_inference::clip::canonical_parameter_name;
 use darkroom_inference::device::DType;
-use darkroom_inference::kernels::is_channels_last;
+use darkroom_inference::kernels::{KernelChoice, is_channels_last};
 use darkroom_inference::loader::Component;
 use darkroom_inference::lora::{
     LoraCache, LoraError, LoraFormat, LoraFuser, LoraSpec, LoraTarget, LoraWeights, Problem,
@@ -355,6 +355,16 @@ fn channels_last_weights_take_lora_sets_and_give_the_same_image() {
     pipeline.set_channels_last(false);
     assert!(conv(&pipeline).is_contiguous());
     assert!(differing(&fused, &snapshot(&pipeline)).is_empty());
+
+    // The fused kernels are CUDA's: on the CPU they are refused, and nothing changes.
+    let refused = pipeline.use_kernels(KernelChoice::FusedNhwc);
+    assert!(
+        matches!(&refused, Err(EngineError::InvalidConfig { component: "kernels", message })
+            if message.contains("CUDA")),
+        "{refused:?}"
+    );
+    assert!(!pipeline.channels_last());
+    pipeline.use_kernels(KernelChoice::Stock).unwrap();
 }
 
 fn mismatch(error: EngineError) -> (Vec<String>, Vec<Problem>, Option<String>, String) {

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use darkroom_inference::device::{DType, DeviceSpec, resolve};
+use darkroom_inference::kernels::KernelChoice;
 use darkroom_inference::pipeline::{
     ControlInput, GenerateRequest, InitImage, LoadOptions, SdxlPipeline,
 };
@@ -136,62 +137,16 @@ struct Args {
     /// Darkroom's GroupNorm+SiLU and GEGLU kernels on CUDA: libtorch's (`stock`), Darkroom's
     /// fused ones (`fused`, compiled with NVRTC at start), or those with the UNet's and
     /// ControlNets' convolution weights stored channels-last (`fused-nhwc`).
-    #[arg(long, value_enum, default_value_t = Kernels::Stock)]
-    kernels: Kernels,
+    #[arg(long, default_value_t = KernelChoice::Stock)]
+    kernels: KernelChoice,
     /// Also time Darkroom with these `--kernels` choices (comma-separated), each on the same
     /// loaded pipeline: a row each, and the pixel difference from the main row's image.
-    #[arg(long, value_enum, value_delimiter = ',')]
-    also_kernels: Vec<Kernels>,
+    #[arg(long, value_delimiter = ',')]
+    also_kernels: Vec<KernelChoice>,
     /// Save each side's last image here (darkroom.png, diffusers.png, and darkroom-<row>.png
     /// for the other rows: eager, stock, fused, fused-nhwc).
     #[arg(long)]
     images: Option<PathBuf>,
-}
-
-/// Whose kernels run GroupNorm+SiLU and GEGLU (`darkroom_inference::kernels`), and in which
-/// layout the convolutions work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-enum Kernels {
-    /// libtorch's.
-    Stock,
-    /// Darkroom's fused CUDA kernels.
-    Fused,
-    /// The fused kernels, with channels-last convolution weights (and so activations).
-    FusedNhwc,
-}
-
-impl Kernels {
-    fn name(self) -> &'static str {
-        match self {
-            Kernels::Stock => "stock",
-            Kernels::Fused => "fused",
-            Kernels::FusedNhwc => "fused-nhwc",
-        }
-    }
-
-    /// Switches `pipeline` to these kernels (process-wide) and layout; the fused kernels exist
-    /// on CUDA builds only. Recorded CUDA graphs are dropped, to be recorded again.
-    fn select(self, pipeline: &mut SdxlPipeline, cuda_index: Option<usize>) -> anyhow::Result<()> {
-        match (self, cuda_index) {
-            (Kernels::Stock, _) => darkroom_inference::kernels::disable_fused_kernels(),
-            #[cfg(feature = "cuda")]
-            (Kernels::Fused | Kernels::FusedNhwc, Some(index)) => {
-                darkroom_inference::kernels::enable_fused_kernels(index)?
-            }
-            (_, _) => bail!(
-                "--kernels {} needs a CUDA build and --device cuda",
-                self.name()
-            ),
-        }
-        pipeline.set_channels_last(self == Kernels::FusedNhwc);
-        #[cfg(feature = "cuda")]
-        {
-            let graphs = pipeline.cuda_graphs().unwrap_or(true);
-            pipeline.set_cuda_graphs(graphs);
-        }
-        Ok(())
-    }
 }
 
 /// The profile workload's inputs, shared by both sides.
@@ -744,7 +699,7 @@ fn run_darkroom(
     sync();
     let load_s = started.elapsed().as_secs_f64();
     // After the load clock: compiling the fused kernels (once per process) is not loading.
-    args.kernels.select(&mut pipeline, cuda_index)?;
+    pipeline.use_kernels(args.kernels)?;
     #[cfg(feature = "cuda")]
     {
         pipeline.set_cuda_graphs(!args.no_cuda_graphs);
@@ -817,7 +772,7 @@ fn run_darkroom(
     }
     let mut variants = Vec::new();
     for &other in &args.also_kernels {
-        other.select(&mut pipeline, cuda_index)?;
+        pipeline.use_kernels(other)?;
         eprintln!(
             "darkroom ({} kernels): warm-up + {} runs…",
             other.name(),
@@ -831,7 +786,7 @@ fn run_darkroom(
         });
     }
     if !args.also_kernels.is_empty() {
-        args.kernels.select(&mut pipeline, cuda_index)?;
+        pipeline.use_kernels(args.kernels)?;
     }
     if args.also_eager {
         #[cfg(feature = "cuda")]

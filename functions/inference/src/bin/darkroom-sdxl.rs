@@ -4,6 +4,7 @@
 //! darkroom-sdxl --model PATH --prompt TEXT [--negative-prompt TEXT]
 //!   [--init-image PNG --strength F] [--width W --height H] --steps N --guidance F --seed S
 //!   --scheduler euler|euler-a|dpmpp-2m-karras|ddim [--device cpu|cuda] [--dtype f32|f16|bf16]
+//!   [--kernels stock|fused|fused-nhwc]
 //!   [--lora PATH[:WEIGHT]]… [--controlnet DIR:IMAGE[:SCALE[:START:END]]]…
 //!   --out OUT.png [--save-latents OUT.safetensors]
 //! ```
@@ -24,6 +25,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use darkroom_inference::device::{DType, DeviceSpec, resolve};
+use darkroom_inference::kernels::KernelChoice;
 use darkroom_inference::lora::{LoraSpec, LoraWeights};
 use darkroom_inference::pipeline::{ControlInput, GenerateRequest, InitImage, SdxlPipeline};
 use darkroom_inference::scheduler::SchedulerKind;
@@ -78,6 +80,10 @@ struct Args {
     /// f32, f16 or bf16 (f16 needs a GPU).
     #[arg(long)]
     dtype: Option<DType>,
+    /// CUDA kernels: stock (libtorch's), fused (Darkroom's fused GroupNorm+SiLU, GEGLU and
+    /// add+LayerNorm) or fused-nhwc (those, with channels-last convolutions). See BENCHMARKS.md.
+    #[arg(long, default_value_t = KernelChoice::Stock)]
+    kernels: KernelChoice,
     /// A LoRA `.safetensors` (kohya or diffusers/PEFT) fused before rendering, with an optional
     /// weight after the last `:` (default 1); repeat for several.
     #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
@@ -128,6 +134,7 @@ fn main() -> anyhow::Result<()> {
             )
         });
     }
+    pipeline.use_kernels(args.kernels)?;
     let load_time = started.elapsed();
     if !args.loras.is_empty() {
         let loras = args
