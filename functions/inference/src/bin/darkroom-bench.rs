@@ -259,6 +259,7 @@ fn main() -> anyhow::Result<()> {
 
     print_table(&args, &model, threads, &darkroom, diffusers.as_ref());
     if let Some(dir) = &args.images {
+        std::fs::create_dir_all(dir)?;
         darkroom.image.save(dir.join("darkroom.png"))?;
         for variant in &darkroom.variants {
             variant
