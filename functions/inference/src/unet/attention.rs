@@ -331,17 +331,34 @@ impl BasicTransformerBlock {
 
     /// `xs`: `[b, n, dim]` tokens; `context`: `[b, m, cross_attention_dim]` text states.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Tensor {
-        // Each residual addition comes with the next sublayer's LayerNorm (one fused kernel).
-        let attended = self.attn1.forward(&self.norm1.forward(xs), None);
+        let (update, residual) = self.forward_unsummed(None, xs, context);
+        update + residual
+    }
+
+    /// [`Self::forward`] of `update + xs` (`xs` alone without an update), returning the
+    /// feed-forward's output and the residual stream it is to be added to: each residual
+    /// addition is left to the next LayerNorm, which does both in one fused kernel — the next
+    /// block's `norm1` for the last one ([`Transformer2DModel`] chains its blocks so).
+    pub fn forward_unsummed(
+        &self,
+        update: Option<&Tensor>,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
+        let (xs, normed) = match update {
+            Some(update) => self.norm1.add_forward(update, xs),
+            None => (xs.shallow_clone(), self.norm1.forward(xs)),
+        };
+        let attended = self.attn1.forward(&normed, None);
         let (xs, normed) = match &self.cross {
             Some((norm2, attn2)) => {
-                let (xs, normed) = norm2.add_forward(&attended, xs);
+                let (xs, normed) = norm2.add_forward(&attended, &xs);
                 let attended = attn2.forward(&normed, context);
                 self.norm3.add_forward(&attended, &xs)
             }
-            None => self.norm3.add_forward(&attended, xs),
+            None => self.norm3.add_forward(&attended, &xs),
         };
-        self.ff.forward(&normed) + xs
+        (self.ff.forward(&normed), xs)
     }
 }
 
@@ -445,8 +462,13 @@ impl Transformer2DModel {
             Projection::Linear(proj) => proj.forward(&to_tokens(&normed)),
             Projection::Conv(proj) => to_tokens(&proj.forward(&normed)),
         };
+        let mut update = None;
         for block in &self.transformer_blocks {
-            tokens = block.forward(&tokens, context);
+            let (next, residual) = block.forward_unsummed(update.as_ref(), &tokens, context);
+            (update, tokens) = (Some(next), residual);
+        }
+        if let Some(update) = update {
+            tokens = update + tokens;
         }
         // `[b, h·w, c]` tokens seen as a `[b, c, h, w]` map (a view with channels-last strides).
         let to_map = |t: &Tensor| {
