@@ -154,43 +154,59 @@ void launch(cudaKernel_t kernel, dim3 grid, void** args, int64_t threads) {
              "cudaLaunchKernel");
 }
 
-// The channels-last kernels for a channels-last `x`, or nothing when its rows are too wide.
-bool group_norm_nhwc(const at::Tensor& x, const at::Tensor* shift, const at::Tensor& weight,
-                     const at::Tensor& bias, int64_t groups, double eps, bool silu,
-                     at::Tensor& y) {
+// The grids and kernels of one GroupNorm: the statistics pass, then the normalising pass.
+struct GroupNormLaunch {
+  cudaKernel_t moments, apply;
+  int64_t parts, apply_parts, grid_y, threads;
+};
+
+// Launches `plan`'s two kernels (the contiguous and channels-last ones take the same arguments).
+void launch_group_norm(const GroupNormLaunch& plan, const at::Tensor& x, const at::Tensor* shift,
+                       const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
+                       double eps, bool silu, at::Tensor& y) {
   const int64_t samples = x.size(0);
-  const int64_t channels = x.size(1);
-  const int64_t spatial = x.size(2) * x.size(3);
-  const int device = x.get_device();
-  const bool all_aligned = aligned(x) && aligned(y);
-  const darkroom::GroupNormNhwcPlan plan = darkroom::plan_group_norm_nhwc(
-      samples, channels, groups, spatial, x.element_size(), all_aligned, multiprocessors(device));
-  if (!plan.supported) return false;
-  const std::string suffix = std::string(type_suffix(x)) + "_v" + std::to_string(plan.width);
-  const cudaKernel_t moments = kernel(device, "darkroom_group_norm_moments_nhwc_" + suffix);
-  const cudaKernel_t apply = kernel(device, "darkroom_group_norm_apply_nhwc_" + suffix);
-  at::Tensor partial = at::empty({samples * groups * plan.parts * 3}, x.options().dtype(at::kFloat));
+  at::Tensor partial =
+      at::empty({samples * groups * plan.parts * 3}, x.options().dtype(at::kFloat));
   const void* x_ptr = x.data_ptr();
   const void* shift_ptr = shift != nullptr ? shift->data_ptr() : nullptr;
   const void* weight_ptr = weight.data_ptr();
   const void* bias_ptr = bias.data_ptr();
   void* partial_ptr = partial.data_ptr();
   void* y_ptr = y.data_ptr();
-  int64_t spatial_arg = spatial;
-  int channels_arg = static_cast<int>(channels);
+  int64_t spatial_arg = x.numel() / (samples * x.size(1));
+  int channels_arg = static_cast<int>(x.size(1));
   int groups_arg = static_cast<int>(groups);
   int parts_arg = static_cast<int>(plan.parts);
   float eps_arg = static_cast<float>(eps);
   int silu_arg = silu ? 1 : 0;
   void* moments_args[] = {&x_ptr, &shift_ptr, &partial_ptr, &spatial_arg, &channels_arg,
                           &groups_arg};
-  launch(moments, dim3(static_cast<unsigned>(plan.parts), static_cast<unsigned>(samples)),
-         moments_args, plan.threads);
-  void* apply_args[] = {&x_ptr,       &shift_ptr, &weight_ptr,   &bias_ptr,
-                        &partial_ptr, &y_ptr,     &spatial_arg,  &channels_arg,
-                        &groups_arg,  &parts_arg, &eps_arg,      &silu_arg};
-  launch(apply, dim3(static_cast<unsigned>(plan.apply_parts), static_cast<unsigned>(samples)),
-         apply_args, plan.threads);
+  const auto grid_y = static_cast<unsigned>(plan.grid_y);
+  launch(plan.moments, dim3(static_cast<unsigned>(plan.parts), grid_y), moments_args,
+         plan.threads);
+  void* apply_args[] = {&x_ptr,       &shift_ptr, &weight_ptr,  &bias_ptr,
+                        &partial_ptr, &y_ptr,     &spatial_arg, &channels_arg,
+                        &groups_arg,  &parts_arg, &eps_arg,     &silu_arg};
+  launch(plan.apply, dim3(static_cast<unsigned>(plan.apply_parts), grid_y), apply_args,
+         plan.threads);
+}
+
+// The channels-last kernels for a channels-last `x`, or nothing when its rows are too wide.
+bool group_norm_nhwc(const at::Tensor& x, const at::Tensor* shift, const at::Tensor& weight,
+                     const at::Tensor& bias, int64_t groups, double eps, bool silu,
+                     at::Tensor& y) {
+  const int64_t samples = x.size(0);
+  const int device = x.get_device();
+  const darkroom::GroupNormNhwcPlan plan = darkroom::plan_group_norm_nhwc(
+      samples, x.size(1), groups, x.size(2) * x.size(3), x.element_size(),
+      aligned(x) && aligned(y), multiprocessors(device));
+  if (!plan.supported) return false;
+  const std::string suffix = std::string(type_suffix(x)) + "_v" + std::to_string(plan.width);
+  const GroupNormLaunch launch_plan = {
+      kernel(device, "darkroom_group_norm_moments_nhwc_" + suffix),
+      kernel(device, "darkroom_group_norm_apply_nhwc_" + suffix),
+      plan.parts, plan.apply_parts, samples, plan.threads};
+  launch_group_norm(launch_plan, x, shift, weight, bias, groups, eps, silu, y);
   return true;
 }
 
@@ -232,31 +248,10 @@ at::Tensor group_norm(const at::Tensor& x, const at::Tensor* shift, const at::Te
   const darkroom::GroupNormPlan plan = darkroom::plan_group_norm(
       samples, channels, groups, spatial, x.element_size(), all_aligned, multiprocessors(device));
   const std::string suffix = dtype + (plan.vectorized ? "_vec" : "_scalar");
-  const cudaKernel_t moments = kernel(device, "darkroom_group_norm_moments_" + suffix);
-  const cudaKernel_t apply = kernel(device, "darkroom_group_norm_apply_" + suffix);
-  at::Tensor partial = at::empty({plan.slabs * plan.parts * 3}, x.options().dtype(at::kFloat));
-
-  const void* x_ptr = x.data_ptr();
-  const void* shift_ptr = shift != nullptr ? shift->data_ptr() : nullptr;
-  const void* weight_ptr = weight.data_ptr();
-  const void* bias_ptr = bias.data_ptr();
-  void* partial_ptr = partial.data_ptr();
-  void* y_ptr = y.data_ptr();
-  int channels_arg = static_cast<int>(channels);
-  int groups_arg = static_cast<int>(groups);
-  int parts_arg = static_cast<int>(plan.parts);
-  float eps_arg = static_cast<float>(eps);
-  int silu_arg = silu ? 1 : 0;
-  int64_t spatial_arg = spatial;
-  void* moments_args[] = {&x_ptr, &shift_ptr, &partial_ptr, &spatial_arg, &channels_arg,
-                          &groups_arg};
-  launch(moments, dim3(static_cast<unsigned>(plan.parts), static_cast<unsigned>(plan.slabs)),
-         moments_args, kThreads);
-  void* apply_args[] = {&x_ptr,       &shift_ptr,    &weight_ptr, &bias_ptr,
-                        &partial_ptr, &y_ptr,        &spatial_arg, &channels_arg,
-                        &groups_arg,  &parts_arg,    &eps_arg,    &silu_arg};
-  launch(apply, dim3(static_cast<unsigned>(plan.apply_parts), static_cast<unsigned>(plan.slabs)),
-         apply_args, kThreads);
+  const GroupNormLaunch launch_plan = {kernel(device, "darkroom_group_norm_moments_" + suffix),
+                                       kernel(device, "darkroom_group_norm_apply_" + suffix),
+                                       plan.parts, plan.apply_parts, plan.slabs, kThreads};
+  launch_group_norm(launch_plan, x, shift, weight, bias, groups, eps, silu, y);
   return y;
 }
 

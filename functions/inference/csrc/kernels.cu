@@ -146,6 +146,19 @@ __device__ __forceinline__ Moments merge_block(Moments m) {
   return m;
 }
 
+// The moments of `V` values.
+template <int V>
+__device__ __forceinline__ Moments vector_moments(const float (&v)[V]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < V; ++k) sum += v[k];
+  const float mean = sum / V;
+  float m2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < V; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+  return {static_cast<float>(V), mean, m2};
+}
+
 // The slab of (sample, group) `blockIdx.y` is cut into `gridDim.x` parts of whole vectors.
 __device__ __forceinline__ void part_of_slab(i64 slab, int vector, i64* begin, i64* end) {
   const i64 parts = gridDim.x;
@@ -177,17 +190,9 @@ __device__ void group_norm_moments(const typename E::Storage* x, const typename 
     if (shift != nullptr) {
       add = E::load(shift[sample * channels + group * group_channels + i / spatial]);
     }
-    float sum = 0.f;
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      v[k] += add;
-      sum += v[k];
-    }
-    const float mean = sum / V;
-    float m2 = 0.f;
-#pragma unroll
-    for (int k = 0; k < V; ++k) m2 += (v[k] - mean) * (v[k] - mean);
-    m = merge(m, Moments{static_cast<float>(V), mean, m2});
+    for (int k = 0; k < V; ++k) v[k] += add;
+    m = merge(m, vector_moments<V>(v));
   }
   m = merge_block(m);
   if (threadIdx.x == 0) {
@@ -284,17 +289,9 @@ __device__ void group_norm_moments_nhwc(const typename E::Storage* x,
   for (i64 row = begin + row_slot; row < end; row += row_slots) {
     float v[V];
     load_vector<E, V>(values + row * channels + column * V, v);
-    float sum = 0.f;
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      v[k] += add[k];
-      sum += v[k];
-    }
-    const float mean = sum / V;
-    float m2 = 0.f;
-#pragma unroll
-    for (int k = 0; k < V; ++k) m2 += (v[k] - mean) * (v[k] - mean);
-    m = merge(m, Moments{static_cast<float>(V), mean, m2});
+    for (int k = 0; k < V; ++k) v[k] += add[k];
+    m = merge(m, vector_moments<V>(v));
   }
   slots[threadIdx.x] = m;
   __syncthreads();
@@ -382,18 +379,10 @@ __device__ void add_layer_norm(const typename E::Storage* a, const typename E::S
     float x[V], y[V];
     load_vector<E, V>(a + start + column, x);
     load_vector<E, V>(b + start + column, y);
-    float total = 0.f;
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      x[k] = E::load(E::store(x[k] + y[k]));
-      total += x[k];
-    }
+    for (int k = 0; k < V; ++k) x[k] = E::load(E::store(x[k] + y[k]));
     store_vector<E, V>(sum + start + column, x);
-    const float mean = total / V;
-    float m2 = 0.f;
-#pragma unroll
-    for (int k = 0; k < V; ++k) m2 += (x[k] - mean) * (x[k] - mean);
-    m = merge(m, Moments{static_cast<float>(V), mean, m2});
+    m = merge(m, vector_moments<V>(x));
   }
   m = merge_warp(m);
   const float mean = __shfl_sync(0xffffffffu, m.mean, 0);

@@ -92,16 +92,26 @@ fn loras_and_controlnets_together_match_diffusers() {
         "all-img2img",
         "profile-img2img",
     ] {
-        let (image, latents) = render(&mut pipeline, &fixture, case, &nets);
-        let dir = fixture.join("cases").join(case);
-        let expected = image::open(dir.join("result.png")).unwrap().to_rgb8();
-        let expected_latents = common::read_tensors(&dir.join("latents.safetensors"));
-        let pixels = common::max_pixel_difference(&image, &expected);
-        let error = common::relative_error(&latents, &expected_latents["latents"]);
-        eprintln!("{case}: max pixel difference {pixels}, latents relative error {error:.2e}");
-        assert!(pixels <= 3, "{case}: max pixel difference {pixels}");
-        assert!(error <= 1e-3, "{case}: latents relative error {error}");
+        assert_matches_diffusers(&mut pipeline, &fixture, case, &nets);
     }
+}
+
+/// Renders `case` and checks it against diffusers' image and latents (the tolerances above).
+fn assert_matches_diffusers(
+    pipeline: &mut SdxlPipeline,
+    fixture: &Path,
+    case: &str,
+    nets: &HashMap<String, darkroom_inference::pipeline::ControlNetId>,
+) {
+    let (image, latents) = render(pipeline, fixture, case, nets);
+    let dir = fixture.join("cases").join(case);
+    let expected = image::open(dir.join("result.png")).unwrap().to_rgb8();
+    let expected_latents = common::read_tensors(&dir.join("latents.safetensors"));
+    let pixels = common::max_pixel_difference(&image, &expected);
+    let error = common::relative_error(&latents, &expected_latents["latents"]);
+    eprintln!("{case}: max pixel difference {pixels}, latents relative error {error:.2e}");
+    assert!(pixels <= 3, "{case}: max pixel difference {pixels}");
+    assert!(error <= 1e-3, "{case}: latents relative error {error}");
 }
 
 /// The same with the UNet's and the ControlNets' convolution weights stored channels-last (the
@@ -129,13 +139,5 @@ fn with_channels_last_weights_loras_and_controlnets_still_match_diffusers() {
         assert!(!convs.is_empty());
         assert!(convs.iter().all(is_channels_last), "{name}");
     }
-    let case = "all-img2img";
-    let (image, latents) = render(&mut pipeline, &fixture, case, &nets);
-    let dir = fixture.join("cases").join(case);
-    let expected = image::open(dir.join("result.png")).unwrap().to_rgb8();
-    let expected_latents = common::read_tensors(&dir.join("latents.safetensors"));
-    let pixels = common::max_pixel_difference(&image, &expected);
-    let error = common::relative_error(&latents, &expected_latents["latents"]);
-    assert!(pixels <= 3, "max pixel difference {pixels}");
-    assert!(error <= 1e-3, "latents relative error {error}");
+    assert_matches_diffusers(&mut pipeline, &fixture, "all-img2img", &nets);
 }

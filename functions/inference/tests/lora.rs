@@ -51,6 +51,18 @@ fn request(params: &Params, init: &Path) -> GenerateRequest {
     }
 }
 
+/// A small txt2img request (64×64, 3 steps) for tests that compare a pipeline with itself.
+fn fox_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a storybook fox".to_owned(),
+        width: 64,
+        height: 64,
+        steps: 3,
+        seed: 3,
+        ..GenerateRequest::default()
+    }
+}
+
 fn load(fixture: &Path) -> SdxlPipeline {
     SdxlPipeline::load(&fixture.join("model"), None, Device::Cpu, DType::F32).unwrap()
 }
@@ -263,14 +275,7 @@ fn switching_sets_is_exact() {
     let a = lora(&pipeline, &fixture, "a_kohya.safetensors");
     let b = lora(&pipeline, &fixture, "b_peft.safetensors");
     let base = snapshot(&pipeline);
-    let request = GenerateRequest {
-        prompt: "a storybook fox".to_owned(),
-        width: 64,
-        height: 64,
-        steps: 3,
-        seed: 3,
-        ..GenerateRequest::default()
-    };
+    let request = fox_request();
 
     pipeline.set_loras(&[(&a, 0.8)]).unwrap();
     let a_weights = snapshot(&pipeline);
@@ -320,14 +325,7 @@ fn channels_last_weights_take_lora_sets_and_give_the_same_image() {
     let mut pipeline = load(&fixture);
     let a = lora(&pipeline, &fixture, "a_kohya.safetensors");
     let b = lora(&pipeline, &fixture, "b_peft.safetensors");
-    let request = GenerateRequest {
-        prompt: "a storybook fox".to_owned(),
-        width: 64,
-        height: 64,
-        steps: 3,
-        seed: 3,
-        ..GenerateRequest::default()
-    };
+    let request = fox_request();
     let conv = |pipeline: &SdxlPipeline| {
         pipeline.var_store(Component::Unet).unwrap().variables()
             ["down_blocks.1.resnets.0.conv1.weight"]
