@@ -3,12 +3,14 @@
 //! as every UNet residual block does), GEGLU (the transformer blocks' feed-forward gate), and a
 //! residual addition followed by the next sublayer's LayerNorm.
 //!
-//! The model code calls them through [`crate::layers::GroupNorm`] and [`geglu`]; they run the fused CUDA kernels
-//! (`csrc/kernels.cu`, through [`crate::cuda`]) when those are switched on and the tensors suit
-//! them, and otherwise the same libtorch operations as before, so CPU results are unchanged. The
-//! fused kernels are off by default: a CUDA build turns them on with [`enable_fused_kernels`]
-//! (`darkroom-bench --kernels fused`); they compute in f32 and round once, so their results
-//! differ from libtorch's by rounding only (`examples/fused_kernels.rs` measures both).
+//! The model code calls them through [`crate::layers::GroupNorm`], [`crate::layers::LayerNorm`]
+//! and [`geglu`]; they run the fused CUDA kernels (`csrc/kernels.cu`, through [`crate::cuda`])
+//! when those are switched on and the tensors suit them, and otherwise the same libtorch
+//! operations as before, so CPU results are unchanged. The fused kernels are off by default: a
+//! CUDA pipeline turns them on with [`crate::pipeline::SdxlPipeline::use_kernels`] (`--kernels`
+//! of `darkroom-sdxl` and `darkroom-bench`); they compute in f32 and round once, so their results
+//! differ from libtorch's by rounding only (`examples/fused_kernels.rs` measures both on a GPU;
+//! `tests/kernels.rs` runs them on the CPU under an emulation).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
