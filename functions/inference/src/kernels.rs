@@ -3,8 +3,8 @@
 //! as every UNet residual block does), GEGLU (the transformer blocks' feed-forward gate), and a
 //! residual addition followed by the next sublayer's LayerNorm.
 //!
-//! The model code calls them through [`crate::layers::GroupNorm`], [`crate::layers::LayerNorm`]
-//! and [`geglu`]; they run the fused CUDA kernels (`csrc/kernels.cu`, through [`crate::cuda`])
+//! The model code calls them through its `GroupNorm` and `LayerNorm` layers and [`geglu`]; they
+//! run the fused CUDA kernels (`csrc/kernels.cu`, through the `cuda` module of CUDA builds)
 //! when those are switched on and the tensors suit them, and otherwise the same libtorch
 //! operations as before, so CPU results are unchanged. The fused kernels are off by default: a
 //! CUDA pipeline turns them on with [`crate::pipeline::SdxlPipeline::use_kernels`] (`--kernels`

@@ -143,7 +143,7 @@ struct Args {
     /// loaded pipeline: a row each, and the pixel difference from the main row's image.
     #[arg(long, value_delimiter = ',')]
     also_kernels: Vec<KernelChoice>,
-    /// Save each side's last image here (darkroom.png, diffusers.png, and darkroom-<row>.png
+    /// Save each side's last image here (darkroom.png, diffusers.png, and darkroom-ROW.png
     /// for the other rows: eager, stock, fused, fused-nhwc).
     #[arg(long)]
     images: Option<PathBuf>,
