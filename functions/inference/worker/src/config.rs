@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use darkroom_inference::kernels::KernelChoice;
 use darkroom_shared::RuntimeConfig;
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,11 @@ pub struct WorkerConfig {
     pub max_input_bytes: usize,
     /// Replay denoising steps as recorded CUDA graphs (default true; GPU builds only).
     pub cuda_graphs: bool,
+    /// The kernels of the UNet's norms and gates on CUDA: `stock` (default: libtorch's),
+    /// `fused` (Darkroom's fused GroupNorm+SiLU, GEGLU and add+LayerNorm) or `fused-nhwc`
+    /// (those, with channels-last convolutions). Not yet measured on a GPU (BENCHMARKS.md);
+    /// anything but `stock` needs a CUDA device.
+    pub kernels: KernelChoice,
 }
 
 impl Default for WorkerConfig {
@@ -76,6 +82,7 @@ impl Default for WorkerConfig {
             progress_interval_ms: 500,
             max_input_bytes: 64 << 20,
             cuda_graphs: true,
+            kernels: KernelChoice::Stock,
         }
     }
 }
@@ -112,7 +119,9 @@ mod tests {
             jail.set_env("DARKROOM_MODEL", "/models/sdxl");
             jail.set_env("DARKROOM_DEVICE", "cuda:1");
             jail.set_env("DARKROOM_CONTROLNET_CACHE", "4");
+            jail.set_env("DARKROOM_KERNELS", "fused-nhwc");
             let config: WorkerConfig = darkroom_shared::config::load().unwrap();
+            assert_eq!(config.kernels, KernelChoice::FusedNhwc);
             assert_eq!(config.model, Some(PathBuf::from("/models/sdxl")));
             assert_eq!(config.device, "cuda:1");
             assert_eq!(config.controlnet_cache, 4);

@@ -19,6 +19,7 @@ use darkroom_events::{AdapterUsed, InferenceJob, ModelUsed, StageTimings};
 use darkroom_inference::EngineError;
 use darkroom_inference::depth::DepthEstimator;
 use darkroom_inference::device::{DType, DeviceSpec};
+use darkroom_inference::kernels::KernelChoice;
 use darkroom_inference::loader::{
     Component, ComponentSource, ModelSource, SourceOptions, WeightVariant,
 };
@@ -118,6 +119,18 @@ impl Engine {
             })?;
         let (device, dtype) = device_and_dtype(&config.device, &config.dtype)?;
         let (device, kind) = darkroom_inference::device::resolve(device, dtype)?;
+        // Before seconds of loading: the fused kernels are CUDA's.
+        let kernels = config.kernels;
+        if kernels != KernelChoice::Stock && !device.is_cuda() {
+            return Err(EngineError::InvalidConfig {
+                component: "worker",
+                message: format!(
+                    "DARKROOM_KERNELS={kernels} needs a CUDA device; this worker runs on the CPU \
+                     (DARKROOM_DEVICE={})",
+                    config.device
+                ),
+            });
+        }
         let name = model_path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -187,7 +200,7 @@ impl Engine {
                         .transpose()?;
                     Ok((pipeline, target, depth, pose))
                 });
-                let (pipeline, lora_target, depth, pose) = match loaded {
+                let (mut pipeline, lora_target, depth, pose) = match loaded {
                     Ok(loaded) => loaded,
                     Err(error) => {
                         let _ = loaded_tx.send(Err(error));
@@ -198,6 +211,10 @@ impl Engine {
                 pipeline.set_cuda_graphs(cuda_graphs);
                 #[cfg(not(feature = "cuda"))]
                 let _ = cuda_graphs;
+                if let Err(error) = pipeline.use_kernels(kernels) {
+                    let _ = loaded_tx.send(Err(error));
+                    return;
+                }
                 let _ = loaded_tx.send(Ok(started.elapsed()));
                 let mut state = EngineState {
                     pipeline,
@@ -613,5 +630,26 @@ mod tests {
         );
         assert!(device_and_dtype("tpu", "auto").is_err());
         assert!(device_and_dtype("cpu", "f8").is_err());
+    }
+
+    /// Refused before any loading (the model path does not even exist).
+    #[test]
+    fn fused_kernels_on_the_cpu_are_refused_at_start() {
+        let config = WorkerConfig {
+            model: Some(PathBuf::from("/nonexistent/sdxl")),
+            device: "cpu".to_owned(),
+            kernels: KernelChoice::Fused,
+            ..WorkerConfig::default()
+        };
+        match Engine::start(&config) {
+            Err(EngineError::InvalidConfig { message, .. }) => {
+                assert!(
+                    message.contains("DARKROOM_KERNELS=fused needs a CUDA device"),
+                    "{message}"
+                );
+            }
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("started"),
+        }
     }
 }
