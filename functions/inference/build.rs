@@ -1,12 +1,13 @@
-//! Link settings `tch` cannot pass on to dependents, and the CUDA shim.
+//! Link settings `tch` cannot pass on to dependents, and the C++ shim over what tch does not bind.
 //!
 //! - An rpath to libtorch's `lib/` (torch-sys exports it as `DEP_TCH_LIBTORCH_LIB`), so binaries
 //!   and tests run without `LD_LIBRARY_PATH`.
+//! - The shim in `csrc/`, compiled against libtorch's headers: on every build the profiler
+//!   (`profiler.cpp`, libtorch's Kineto profiler) and what the shim shares (`shim.cpp`).
 //! - With the `cuda` feature, `libtorch_cuda` linked with `--no-as-needed`: nothing references
 //!   its symbols directly, so the linker would drop it and CUDA would never be available. And
-//!   the shim in `csrc/` compiled against libtorch's headers: CUDA graphs and allocator
-//!   statistics, which tch does not bind (`cuda_graph.cpp`), and the fused kernels
-//!   (`fused_kernels.cpp`, which compiles `kernels.cu` with NVRTC at run time).
+//!   the CUDA part of the shim: CUDA graphs and allocator statistics (`cuda_graph.cpp`), and the
+//!   fused kernels (`fused_kernels.cpp`, which compiles `kernels.cu` with NVRTC at run time).
 
 use std::path::PathBuf;
 
@@ -18,6 +19,7 @@ fn main() {
     if let Some(lib) = &lib {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     }
+    build_shim(lib.as_deref());
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         #[cfg(feature = "cuda")]
         build_cuda_shim(lib.as_deref());
@@ -28,37 +30,61 @@ fn main() {
     }
 }
 
-/// Compiles the shim with the flags torch-sys uses for its own C++ (C++17, the wheel's
-/// `_GLIBCXX_USE_CXX11_ABI`, which torch-sys reads from `LIBTORCH_CXX11_ABI`, default 1).
+/// A C++ build with the flags torch-sys uses for its own C++ (C++17, the wheel's
+/// `_GLIBCXX_USE_CXX11_ABI`, which torch-sys reads from `LIBTORCH_CXX11_ABI`, default 1) and
+/// libtorch's headers.
+fn libtorch_cpp(torch: &std::path::Path) -> cc::Build {
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
+        .define("GLOG_USE_GLOG_EXPORT", None)
+        .warnings(false);
+    build
+}
+
+/// libtorch's `lib/` and libtorch's directory (its parent).
+fn libtorch_dirs(lib: Option<&std::path::Path>) -> (&std::path::Path, &std::path::Path) {
+    let Some(lib) = lib else {
+        panic!("the C++ shim needs torch-sys's DEP_TCH_LIBTORCH_LIB");
+    };
+    (lib, lib.parent().unwrap_or(lib))
+}
+
+/// Compiles the part of the shim every build has: the profiler.
+fn build_shim(lib: Option<&std::path::Path>) {
+    let (_, torch) = libtorch_dirs(lib);
+    for file in ["csrc/shim.h", "csrc/shim.cpp", "csrc/profiler.cpp"] {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    libtorch_cpp(torch)
+        .file("csrc/shim.cpp")
+        .file("csrc/profiler.cpp")
+        .compile("darkroom_shim");
+}
+
+/// Compiles the CUDA part of the shim.
 #[cfg(feature = "cuda")]
 fn build_cuda_shim(lib: Option<&std::path::Path>) {
-    let Some(lib) = lib else {
-        panic!("the cuda feature needs torch-sys's DEP_TCH_LIBTORCH_LIB");
-    };
-    let torch = lib.parent().unwrap_or(lib);
+    let (lib, torch) = libtorch_dirs(lib);
     let cuda = cuda_root(torch);
     for file in [
-        "csrc/shim.h",
         "csrc/launch.h",
         "csrc/cuda_graph.cpp",
         "csrc/fused_kernels.cpp",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }
-    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
-    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-    cc::Build::new()
-        .cpp(true)
+    libtorch_cpp(torch)
         .file("csrc/cuda_graph.cpp")
         .file("csrc/fused_kernels.cpp")
-        .include(torch.join("include"))
-        .include(torch.join("include/torch/csrc/api/include"))
         .include(cuda.join("include"))
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
-        .define("GLOG_USE_GLOG_EXPORT", None)
-        .warnings(false)
         .compile("darkroom_cuda");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10_cuda");

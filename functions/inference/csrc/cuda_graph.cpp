@@ -44,8 +44,6 @@ void wait_for(const c10::cuda::CUDAStream& a, const c10::cuda::CUDAStream& b) {
 
 extern "C" {
 
-void darkroom_free_error(char* error) { free(error); }
-
 void* darkroom_graph_new(int32_t device, char** error) {
   Graph* graph = nullptr;
   guarded(error, [&] { graph = new Graph(static_cast<c10::DeviceIndex>(device)); });

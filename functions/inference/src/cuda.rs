@@ -19,7 +19,6 @@ use tch::Tensor;
 use crate::{EngineError, Result};
 
 unsafe extern "C" {
-    fn darkroom_free_error(error: *mut c_char);
     fn darkroom_graph_new(device: i32, error: *mut *mut c_char) -> *mut c_void;
     fn darkroom_graph_free(graph: *mut c_void);
     fn darkroom_graph_enter_stream(graph: *mut c_void, error: *mut *mut c_char);
@@ -69,18 +68,7 @@ unsafe extern "C" {
 
 /// Runs one shim call with an error slot; a set slot becomes [`EngineError::Cuda`].
 fn call<R>(what: &'static str, f: impl FnOnce(*mut *mut c_char) -> R) -> Result<R> {
-    let mut error: *mut c_char = std::ptr::null_mut();
-    let value = f(&mut error);
-    if error.is_null() {
-        return Ok(value);
-    }
-    // SAFETY: the shim set `error` to a NUL-terminated string from strdup, freed here once.
-    let message = unsafe {
-        let message = CStr::from_ptr(error).to_string_lossy().into_owned();
-        darkroom_free_error(error);
-        message
-    };
-    Err(EngineError::Cuda { what, message })
+    crate::shim::call(f).map_err(|message| EngineError::Cuda { what, message })
 }
 
 /// A memory pool of recorded graphs; graphs captured into one pool share its memory, which is

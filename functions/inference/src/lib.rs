@@ -12,6 +12,7 @@
 //! ControlNets, LoRA sets). With the `cuda` feature, `cuda` binds what `tch` lacks (CUDA graphs,
 //! allocator statistics, NVRTC-compiled kernels), the pipeline replays each denoising step as a
 //! recorded CUDA graph, and [`kernels`] can run GroupNorm+SiLU and GEGLU as fused kernels.
+//! [`profile`] runs code under libtorch's profiler: where an image's time goes.
 
 use std::path::PathBuf;
 
@@ -27,7 +28,9 @@ pub mod loader;
 pub mod lora;
 pub mod pipeline;
 pub mod pose;
+pub mod profile;
 pub mod scheduler;
+mod shim;
 #[cfg(feature = "cuda")]
 mod step_graph;
 pub mod text_encoder;
@@ -116,6 +119,9 @@ pub enum EngineError {
         /// Steps the generation would have run.
         steps: usize,
     },
+    /// libtorch's profiler could not start or stop ([`profile::record`]).
+    #[error("profiler: {0}")]
+    Profiler(String),
     /// libtorch reported an error.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -4,7 +4,7 @@
 //! ```text
 //! darkroom-bench --size tiny|full --device cpu|cuda --dtype f32|f16|bf16 --steps N
 //!   --width W --height H --runs R [--workload txt2img|profile] [--model DIR]
-//!   [--controlnet DIR --lora FILE] [--python PATH] [--json OUT]
+//!   [--controlnet DIR --lora FILE] [--python PATH] [--json OUT] [--kernel-profile]
 //! ```
 //!
 //! `--workload profile` is the shape of the profile presets: img2img at strength 0.6 with one
@@ -30,6 +30,7 @@ use darkroom_inference::kernels::KernelChoice;
 use darkroom_inference::pipeline::{
     ControlInput, GenerateRequest, InitImage, LoadOptions, SdxlPipeline,
 };
+use darkroom_inference::profile::{self, Profile};
 use darkroom_inference::scheduler::SchedulerKind;
 use serde::{Deserialize, Serialize};
 
@@ -143,6 +144,15 @@ struct Args {
     /// loaded pipeline: a row each, and the pixel difference from the main row's image.
     #[arg(long, value_delimiter = ',')]
     also_kernels: Vec<KernelChoice>,
+    /// After the timed runs, generate one more image per kernel choice (`--kernels`, then
+    /// `--also-kernels`) under libtorch's profiler and print where its time went: on a GPU the
+    /// kernel time by class (matrix products, attention, normalisation…) and the longest
+    /// kernels, on the CPU the longest operations the pipeline called.
+    #[arg(long)]
+    kernel_profile: bool,
+    /// Rows of the longest kernels or operations in `--kernel-profile`'s tables.
+    #[arg(long, default_value_t = 20)]
+    kernel_profile_top: usize,
     /// Save each side's last image here (darkroom.png, diffusers.png, and darkroom-ROW.png
     /// for the other rows: eager, stock, fused, fused-nhwc).
     #[arg(long)]
@@ -258,6 +268,17 @@ fn main() -> anyhow::Result<()> {
     let darkroom = run_darkroom(&args, &model, profile.as_ref(), device, cuda_index)?;
 
     print_table(&args, &model, threads, &darkroom, diffusers.as_ref());
+    for (choice, recorded) in &darkroom.profiles {
+        println!(
+            "\n#### Where one image's time goes: {} kernels (per step: the image's total over its {} steps)\n",
+            choice.name(),
+            darkroom.side.steps
+        );
+        print!(
+            "{}",
+            recorded.report(args.kernel_profile_top, (darkroom.side.steps, "step"))
+        );
+    }
     if let Some(dir) = &args.images {
         std::fs::create_dir_all(dir)?;
         darkroom.image.save(dir.join("darkroom.png"))?;
@@ -630,6 +651,8 @@ struct DarkroomRun {
     image: image::RgbImage,
     /// The same pipeline with one setting changed (`--also-eager`, `--also-other-kernels`).
     variants: Vec<Variant>,
+    /// `--kernel-profile`: one image per kernel choice under the profiler.
+    profiles: Vec<(KernelChoice, Profile)>,
     /// "on", "off" or why recording failed.
     graphs: String,
     /// The caching allocator's peaks over the default runs (CUDA builds on a GPU).
@@ -789,6 +812,24 @@ fn run_darkroom(
     if !args.also_kernels.is_empty() {
         pipeline.use_kernels(args.kernels)?;
     }
+    let mut profiles = Vec::new();
+    if args.kernel_profile {
+        for &choice in std::iter::once(&args.kernels).chain(&args.also_kernels) {
+            pipeline.use_kernels(choice)?;
+            eprintln!(
+                "darkroom ({} kernels): one image under the profiler…",
+                choice.name()
+            );
+            let (generated, recorded) = profile::record(cuda_index.is_some(), || {
+                let generated = pipeline.generate(&request, &mut |_, _| {});
+                sync();
+                generated
+            })?;
+            generated?;
+            profiles.push((choice, recorded));
+        }
+        pipeline.use_kernels(args.kernels)?;
+    }
     if args.also_eager {
         #[cfg(feature = "cuda")]
         pipeline.set_cuda_graphs(false);
@@ -804,6 +845,7 @@ fn run_darkroom(
         side,
         image,
         variants,
+        profiles,
         graphs,
         allocator,
     })
