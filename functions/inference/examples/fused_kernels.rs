@@ -129,6 +129,21 @@ fn cases() -> Vec<Case> {
             op: norm([1, 128, 1024, 1024], false, true, 1e-6),
         },
         Case {
+            name: "channels-last VAE decoder norm+SiLU 512×128² bf16",
+            kind: BFloat16,
+            op: nhwc([1, 512, 128, 128], false, true, 1e-6),
+        },
+        Case {
+            name: "channels-last VAE decoder norm+SiLU 256×1024² bf16",
+            kind: BFloat16,
+            op: nhwc([1, 256, 1024, 1024], false, true, 1e-6),
+        },
+        Case {
+            name: "channels-last VAE decoder norm+SiLU 128×1024² bf16",
+            kind: BFloat16,
+            op: nhwc([1, 128, 1024, 1024], false, true, 1e-6),
+        },
+        Case {
             name: "add+LayerNorm 4096 tokens × 640",
             kind: Half,
             op: Op::AddLayerNorm {

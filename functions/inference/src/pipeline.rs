@@ -228,7 +228,7 @@ pub struct SdxlPipeline {
     scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
-    /// The UNet's and ControlNets' convolution weights are stored channels-last.
+    /// The UNet's, the VAE's and the ControlNets' convolution weights are stored channels-last.
     channels_last: bool,
     /// Denoising steps recorded as CUDA graphs (CUDA builds on a CUDA device).
     #[cfg(feature = "cuda")]
@@ -439,20 +439,25 @@ impl SdxlPipeline {
         };
     }
 
-    /// Stores the convolution weights of the UNet and the ControlNets (those loaded later too)
-    /// channels-last, or back in the default layout. Convolutions then produce channels-last
-    /// maps, which cuDNN takes without the transposes it adds around NCHW convolutions on recent
-    /// GPUs, and which the fused GroupNorm ([`crate::kernels`]) reads in place; with libtorch's
-    /// GroupNorm on CUDA, which makes its input contiguous first, it is slower. Results are the
-    /// same up to the convolution algorithms' rounding. Recorded CUDA graphs are dropped (they
-    /// read the old weights); LoRA sets stay fused.
+    /// Stores the convolution weights of the UNet, the VAE and the ControlNets (those loaded
+    /// later too) channels-last, or back in the default layout. Convolutions then produce
+    /// channels-last maps, which cuDNN takes without the transposes it adds around NCHW
+    /// convolutions on recent GPUs, and which the fused GroupNorm ([`crate::kernels`]) reads in
+    /// place; with libtorch's GroupNorm on CUDA, which makes its input contiguous first, it is
+    /// slower. The UNet's prediction and the VAE's latents and images come back contiguous
+    /// either way. Results are the same up to the convolution algorithms' rounding. Recorded
+    /// CUDA graphs are dropped (they read the old weights); LoRA sets stay fused.
     pub fn set_channels_last(&mut self, enabled: bool) {
         if enabled == self.channels_last {
             return;
         }
         self.channels_last = enabled;
-        let unet = self.var_store(Component::Unet).map(|vs| vs.variables());
-        for mut var in unet.into_iter().flat_map(|vars| vars.into_values()) {
+        let relaid = [Component::Unet, Component::Vae]
+            .into_iter()
+            .filter_map(|component| self.var_store(component))
+            .flat_map(|vs| vs.variables().into_values())
+            .collect::<Vec<_>>();
+        for mut var in relaid {
             relayout(&mut var, enabled);
         }
         for net in self.controlnets.values() {

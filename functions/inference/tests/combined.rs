@@ -13,6 +13,7 @@ use std::path::Path;
 
 use darkroom_inference::device::DType;
 use darkroom_inference::kernels::is_channels_last;
+use darkroom_inference::loader::Component;
 use darkroom_inference::pipeline::{ControlInput, GenerateRequest, InitImage, SdxlPipeline};
 use tch::Device;
 
@@ -114,8 +115,9 @@ fn assert_matches_diffusers(
     assert!(error <= 1e-3, "{case}: latents relative error {error}");
 }
 
-/// The same with the UNet's and the ControlNets' convolution weights stored channels-last (the
-/// GPU layout option), one ControlNet loaded before the switch and one after.
+/// The same with the UNet's, the VAE's and the ControlNets' convolution weights stored
+/// channels-last (the GPU layout option), one ControlNet loaded before the switch and one after:
+/// img2img, so the VAE encodes and decodes channels-last.
 #[test]
 fn with_channels_last_weights_loras_and_controlnets_still_match_diffusers() {
     let fixture = common::fixture("combined", &[]);
@@ -129,8 +131,25 @@ fn with_channels_last_weights_loras_and_controlnets_still_match_diffusers() {
     load(&mut pipeline, "controlnet-a");
     pipeline.set_channels_last(true);
     load(&mut pipeline, "controlnet-b");
-    for name in ["controlnet-a", "controlnet-b"] {
-        let vs = pipeline.controlnet(nets[name]).unwrap().var_store();
+    let stores = [
+        ("unet", pipeline.var_store(Component::Unet).unwrap()),
+        ("vae", pipeline.var_store(Component::Vae).unwrap()),
+        (
+            "controlnet-a",
+            pipeline
+                .controlnet(nets["controlnet-a"])
+                .unwrap()
+                .var_store(),
+        ),
+        (
+            "controlnet-b",
+            pipeline
+                .controlnet(nets["controlnet-b"])
+                .unwrap()
+                .var_store(),
+        ),
+    ];
+    for (name, vs) in stores {
         let convs: Vec<_> = vs
             .variables()
             .into_values()

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use darkroom_inference::EngineError;
+use darkroom_inference::kernels::to_channels_last;
 use darkroom_inference::vae::{
     AutoencoderKL, DiagonalGaussian, LatentSample, SampleSize, Vae, VaeConfig, image_to_tensor,
     tensor_to_image,
@@ -415,4 +416,35 @@ fn runs_in_bfloat16_with_casts_at_the_boundary() {
         Vae::from_weights(&config, &weights, Device::Cpu, Kind::Int),
         Err(EngineError::InvalidConfig { .. })
     ));
+}
+
+/// With the convolution weights stored channels-last (the pipeline's GPU layout option), the
+/// maps run channels-last inside, and the VAE still matches diffusers and hands back contiguous
+/// latents and images.
+#[test]
+fn channels_last_weights_match_diffusers_and_give_contiguous_outputs() {
+    let vae = load("small");
+    for mut var in vae.var_store().variables().into_values() {
+        if var.dim() == 4 {
+            let moved = to_channels_last(&var);
+            tch::no_grad(|| var.set_data(&moved));
+        }
+    }
+    let model = vae.model();
+    let reference = common::read_tensors(&fixture().join("small/reference.safetensors"));
+
+    let decoded = model.image_from_latents(&reference["latents"]).unwrap();
+    assert!(decoded.is_contiguous());
+    assert_close("channels-last decoded", &decoded, &reference["decoded"]);
+
+    let distribution = model.encode(&reference["pixels"]);
+    assert_close(
+        "channels-last mean",
+        distribution.mean(),
+        &reference["mean"],
+    );
+    let latents = model
+        .latents_from_image(&reference["pixels"], LatentSample::Mode, Kind::Float)
+        .unwrap();
+    assert!(latents.is_contiguous());
 }

@@ -136,8 +136,8 @@ struct Args {
     #[arg(long)]
     also_eager: bool,
     /// Darkroom's GroupNorm+SiLU and GEGLU kernels on CUDA: libtorch's (`stock`), Darkroom's
-    /// fused ones (`fused`, compiled with NVRTC at start), or those with the UNet's and
-    /// ControlNets' convolution weights stored channels-last (`fused-nhwc`).
+    /// fused ones (`fused`, compiled with NVRTC at start), or those with the UNet's, the VAE's
+    /// and the ControlNets' convolution weights stored channels-last (`fused-nhwc`).
     #[arg(long, default_value_t = KernelChoice::Stock)]
     kernels: KernelChoice,
     /// Also time Darkroom with these `--kernels` choices (comma-separated), each on the same

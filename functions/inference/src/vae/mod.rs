@@ -116,11 +116,13 @@ impl AutoencoderKL {
         if let Some(conv) = &self.quant_conv {
             moments = conv.forward(&moments);
         }
-        DiagonalGaussian::from_parameters(&moments)
+        // Contiguous whatever the weights' layout (channels-last convolutions give channels-last
+        // maps): the latents are the schedulers' and the UNet's input.
+        DiagonalGaussian::from_parameters(&moments.contiguous())
     }
 
-    /// Decodes unscaled latents (N, latent_channels, h, w) into images (N, out_channels, f·h,
-    /// f·w) in about [-1, 1], in the model's kind. The latents are cast to the model's kind and
+    /// Decodes unscaled latents (N, latent_channels, h, w) into contiguous images (N,
+    /// out_channels, f·h, f·w) in about [-1, 1], in the model's kind. The latents are cast to the model's kind and
     /// device first; panics on a wrong shape like [`Self::encode`].
     pub fn decode(&self, latents: &Tensor) -> Tensor {
         let _no_grad = tch::no_grad_guard();
@@ -128,7 +130,7 @@ impl AutoencoderKL {
         if let Some(conv) = &self.post_quant_conv {
             latents = conv.forward(&latents);
         }
-        self.decoder.forward(&latents)
+        self.decoder.forward(&latents).contiguous()
     }
 
     /// VAE latents → the denoiser's latents, in the tensor's kind and device: `z · scaling_factor`
