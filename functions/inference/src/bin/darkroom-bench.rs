@@ -28,7 +28,7 @@ use clap::{Parser, ValueEnum};
 use darkroom_inference::device::{DType, DeviceSpec, resolve};
 use darkroom_inference::kernels::KernelChoice;
 use darkroom_inference::pipeline::{
-    ControlInput, GenerateRequest, InitImage, LoadOptions, SdxlPipeline,
+    ControlInput, GenerateRequest, InitImage, LoadOptions, SdxlPipeline, Timings,
 };
 use darkroom_inference::profile::{self, Profile};
 use darkroom_inference::scheduler::SchedulerKind;
@@ -182,6 +182,11 @@ struct Side {
     load_s: f64,
     seconds: Vec<f64>,
     denoise_s: Vec<f64>,
+    /// Darkroom's phases outside the denoising loop, per timed image (empty for diffusers):
+    /// prompt encoding (host time: its GPU work finishes inside the first step), preparation
+    /// (noise, img2img's VAE encode, control images), VAE decode and conversion to pixels.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    phases_s: Vec<Phases>,
     steps: usize,
     /// Peak memory in bytes: device memory in use (nvidia-smi, over the idle baseline) on CUDA,
     /// the process's peak RSS on the CPU.
@@ -199,6 +204,14 @@ impl Side {
         let denoise = self.denoise_s.iter().sum::<f64>() / self.denoise_s.len().max(1) as f64;
         self.steps as f64 / denoise.max(f64::EPSILON)
     }
+}
+
+/// Seconds of one image's phases outside the denoising loop.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
+struct Phases {
+    text: f64,
+    prepare: f64,
+    decode: f64,
 }
 
 /// The JSON line `bench_diffusers.py --run` prints.
@@ -634,6 +647,7 @@ fn run_diffusers(
         load_s: report.load_s,
         seconds: report.seconds.clone(),
         denoise_s: report.denoise_s.clone(),
+        phases_s: Vec::new(),
         steps: report.steps,
         peak_bytes: match cuda_index {
             Some(_) => gpu_peak,
@@ -745,7 +759,7 @@ fn run_darkroom(
         controls,
     };
     let timed = |pipeline: &SdxlPipeline| -> anyhow::Result<(Side, image::RgbImage)> {
-        let once = || -> anyhow::Result<(f64, f64, usize, image::RgbImage)> {
+        let once = || -> anyhow::Result<(f64, Timings, image::RgbImage)> {
             sync();
             let started = Instant::now();
             // Synchronize at the last step so the denoise timing ends when the GPU work does.
@@ -756,22 +770,27 @@ fn run_darkroom(
             })?;
             sync();
             let seconds = started.elapsed().as_secs_f64();
-            let t = generated.timings;
-            Ok((seconds, t.denoise.as_secs_f64(), t.steps, generated.image))
+            Ok((seconds, generated.timings, generated.image))
         };
-        let (_, _, _, mut image) = once()?; // warm-up
+        let (_, _, mut image) = once()?; // warm-up
         let mut side = Side {
             load_s,
             seconds: Vec::with_capacity(args.runs),
             denoise_s: Vec::with_capacity(args.runs),
+            phases_s: Vec::with_capacity(args.runs),
             steps: args.steps,
             peak_bytes: None,
         };
         for _ in 0..args.runs {
-            let (s, d, n, last) = once()?;
+            let (s, timings, last) = once()?;
             side.seconds.push(s);
-            side.denoise_s.push(d);
-            side.steps = n;
+            side.denoise_s.push(timings.denoise.as_secs_f64());
+            side.phases_s.push(Phases {
+                text: timings.text.as_secs_f64(),
+                prepare: timings.prepare.as_secs_f64(),
+                decode: timings.decode.as_secs_f64(),
+            });
+            side.steps = timings.steps;
             image = last;
         }
         Ok((side, image))
@@ -1004,6 +1023,17 @@ fn print_table(
         );
     }
     println!("Darkroom CUDA graphs: {}.", run.graphs);
+    if !darkroom.phases_s.is_empty() {
+        let mean = |phase: fn(&Phases) -> f64| {
+            1e3 * darkroom.phases_s.iter().map(phase).sum::<f64>() / darkroom.phases_s.len() as f64
+        };
+        println!(
+            "Darkroom outside the steps, mean per image: prompt {:.1} ms (host side), preparation {:.1} ms, VAE decode and pixels {:.1} ms.",
+            mean(|p| p.text),
+            mean(|p| p.prepare),
+            mean(|p| p.decode)
+        );
+    }
     let images = |label: &str, a: &image::RgbImage, b: Option<&image::RgbImage>| {
         if let Some((max, mean)) = b.and_then(|b| pixel_difference(a, b)) {
             println!("{label}: max pixel difference {max}/255, mean {mean:.3}/255.");
