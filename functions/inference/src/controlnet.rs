@@ -10,6 +10,7 @@
 //! (`config.json` + `diffusion_pytorch_model.safetensors`) loads as is ([`ControlNet::load`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -447,6 +448,15 @@ pub struct ControlNetModel {
     mid_block: UNetMidBlock2DCrossAttn,
     controlnet_mid_block: nn::Conv2D,
     flip_channels: bool,
+    remembered: Mutex<Vec<RememberedCondition>>,
+}
+
+/// The conditioning embedding of one control-image tensor ([`ControlNetModel::remember_condition`]).
+#[derive(Debug)]
+struct RememberedCondition {
+    /// The tensor it was computed from (held, so its memory cannot be reused by another).
+    image: Tensor,
+    embedding: Tensor,
 }
 
 impl ControlNetModel {
@@ -549,6 +559,7 @@ impl ControlNetModel {
             mid_block,
             controlnet_mid_block,
             flip_channels,
+            remembered: Mutex::new(Vec::new()),
         })
     }
 
@@ -580,6 +591,64 @@ impl ControlNetModel {
     /// Drops what [`Self::remember_context`] stored for `context`.
     pub fn forget_context(&self, context: &Tensor) {
         attention::forget_context_in(self.cross_attentions(), context);
+    }
+
+    fn remembered(&self) -> std::sync::MutexGuard<'_, Vec<RememberedCondition>> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Computes the conditioning embedding of the control image `controlnet_cond` now, for
+    /// every later [`Self::forward`] over this same tensor: the image is the same at every
+    /// denoising step, so its eight convolutions at the image's full resolution run once per
+    /// image instead of once per step (diffusers runs them every step; the results are the
+    /// same). If the tensor is already remembered, the stored embedding is overwritten in place
+    /// (its memory stays where a recorded CUDA graph reads it): do that whenever the tensor's
+    /// contents have changed.
+    pub fn remember_condition(&self, controlnet_cond: &Tensor) {
+        let _no_grad = tch::no_grad_guard();
+        let embedding = self.embed_condition(controlnet_cond);
+        let mut remembered = self.remembered();
+        match remembered
+            .iter_mut()
+            .find(|entry| attention::same_tensor(&entry.image, controlnet_cond))
+        {
+            Some(entry) => {
+                let mut stored = entry.embedding.shallow_clone();
+                stored.copy_(&embedding);
+            }
+            None => remembered.push(RememberedCondition {
+                image: controlnet_cond.shallow_clone(),
+                embedding,
+            }),
+        }
+    }
+
+    /// Drops what [`Self::remember_condition`] stored for `controlnet_cond`.
+    pub fn forget_condition(&self, controlnet_cond: &Tensor) {
+        self.remembered()
+            .retain(|entry| !attention::same_tensor(&entry.image, controlnet_cond));
+    }
+
+    /// The conditioning embedding of `controlnet_cond`: remembered, or computed now.
+    fn condition_embedding(&self, controlnet_cond: &Tensor) -> Tensor {
+        let remembered = self
+            .remembered()
+            .iter()
+            .find(|entry| attention::same_tensor(&entry.image, controlnet_cond))
+            .map(|entry| entry.embedding.shallow_clone());
+        remembered.unwrap_or_else(|| self.embed_condition(controlnet_cond))
+    }
+
+    /// `controlnet_cond_embedding` of the control image in the model's channel order.
+    fn embed_condition(&self, controlnet_cond: &Tensor) -> Tensor {
+        if self.flip_channels {
+            self.controlnet_cond_embedding
+                .forward(&controlnet_cond.flip([1]))
+        } else {
+            self.controlnet_cond_embedding.forward(controlnet_cond)
+        }
     }
 
     /// The residuals for the UNet, each multiplied by `conditioning_scale`.
@@ -624,18 +693,10 @@ impl ControlNetModel {
             )));
         }
 
-        let flipped;
-        let controlnet_cond = if self.flip_channels {
-            flipped = controlnet_cond.flip([1]);
-            &flipped
-        } else {
-            controlnet_cond
-        };
-
         let emb = self.time.forward(sample, batch, timestep.into(), added)?;
 
         let hidden = self.conv_in.forward(sample);
-        let cond = self.controlnet_cond_embedding.forward(controlnet_cond);
+        let cond = self.condition_embedding(controlnet_cond);
         if cond.size() != hidden.size() {
             return Err(invalid_input(format!(
                 "the control image {cond_size:?} embeds to {:?}, the latents to {:?}",
@@ -668,12 +729,14 @@ impl ControlNetModel {
     }
 }
 
-/// A control image (RGB, u8) → a `(1, 3, H, W)` f32 CPU tensor in `[0, 1]`, as diffusers'
-/// control image processor (`VaeImageProcessor(do_normalize=False)`) converts an image that is
-/// already at the output size: `u8 / 255` in f32, no normalization.
-pub fn control_image_to_tensor(image: &RgbImage) -> Tensor {
+/// A control image (RGB, u8) → a `(1, 3, H, W)` f32 tensor in `[0, 1]` on `device`, as
+/// diffusers' control image processor (`VaeImageProcessor(do_normalize=False)`) converts an
+/// image that is already at the output size: `u8 / 255` in f32, no normalization. The bytes
+/// travel and are converted there (a correctly rounded division: the same floats anywhere).
+pub fn control_image_to_tensor(image: &RgbImage, device: Device) -> Tensor {
     let (width, height) = image.dimensions();
     (Tensor::from_slice(image.as_raw())
+        .to_device(device)
         .view([1, i64::from(height), i64::from(width), 3])
         .permute([0, 3, 1, 2])
         .to_kind(Kind::Float)

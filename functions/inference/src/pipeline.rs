@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::clip::{ClipTextConfig, ClipTextModel, ClipTextModelWithProjection};
-use crate::controlnet::{ControlNet, ControlNetModel, ControlNetOutput, control_image_to_tensor};
+use crate::controlnet::{ControlNet, ControlNetOutput, control_image_to_tensor};
 use crate::device::DType;
 use crate::loader::{Component, Layout, ModelSource, SourceOptions};
 use crate::lora::{LoraFuser, LoraSwitch, LoraTarget, LoraWeights};
@@ -433,10 +433,45 @@ impl SdxlPipeline {
     #[cfg(feature = "cuda")]
     pub fn set_cuda_graphs(&self, enabled: bool) {
         let mut state = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
-        *state = match (enabled, self.device) {
-            (true, Device::Cuda(index)) => GraphState::On(StepGraphs::new(index)),
-            _ => GraphState::Off,
-        };
+        let previous = std::mem::replace(
+            &mut *state,
+            match (enabled, self.device) {
+                (true, Device::Cuda(index)) => GraphState::On(StepGraphs::new(index)),
+                _ => GraphState::Off,
+            },
+        );
+        drop(state);
+        if let GraphState::On(graphs) = previous {
+            self.forget_graph_buffers(graphs.into_buffers());
+        }
+    }
+
+    /// Has the models forget what they remembered of dropped graphs' buffers.
+    #[cfg(feature = "cuda")]
+    fn forget_graph_buffers(&self, dropped: Vec<crate::step_graph::GraphBuffers>) {
+        for buffers in dropped {
+            self.unet.forget_context(&buffers.hidden);
+            for (id, image) in &buffers.images {
+                if let Some(net) = self.controlnets.get(id) {
+                    net.model().forget_context(&buffers.hidden);
+                    net.model().forget_condition(image);
+                }
+            }
+        }
+    }
+
+    /// Whether denoising steps are replayed as CUDA graphs (which remember the conditioning
+    /// of their own buffers).
+    fn records_steps(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            matches!(
+                *self.graphs.lock().unwrap_or_else(|e| e.into_inner()),
+                GraphState::On(_)
+            )
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// Stores the convolution weights of the UNet, the VAE and the ControlNets (those loaded
@@ -591,12 +626,10 @@ impl SdxlPipeline {
             ..PromptRequest::new(request.prompt.clone())
         })?;
         let (hidden, pooled) = conditioning_batch(&conditioning, self.device, self.kind);
-        // The text's keys and values, once for all steps (forgotten when this returns).
-        let _remembered = RememberedText::new(
-            &self.unet,
-            controls.iter().map(|control| control.net.model()).collect(),
-            &hidden,
-        );
+        // The text's keys and values and the control images' embeddings, once for all steps
+        // (forgotten when this returns). Recorded steps read their own buffers' instead.
+        let _remembered =
+            (!self.records_steps()).then(|| Remembered::new(&self.unet, &controls, &hidden));
         timings.text = started.elapsed();
 
         let started = Instant::now();
@@ -614,7 +647,7 @@ impl SdxlPipeline {
             Some(init) => {
                 let (height, width) = check_size(init.image.height(), init.image.width(), scale)?;
                 let begin = scheduler.set_strength(init.strength)?;
-                let pixels = image_to_tensor(&init.image).to_device(self.device);
+                let pixels = image_to_tensor(&init.image, self.device);
                 let image_latents = self.vae.latents_from_image(
                     &pixels,
                     LatentSample::DefaultGenerator,
@@ -749,6 +782,7 @@ impl SdxlPipeline {
                     self.unet.remember_context(hidden);
                     for control in controls {
                         control.net.model().remember_context(hidden);
+                        control.net.model().remember_condition(control.image);
                     }
                 };
                 match graphs.predict(
@@ -895,11 +929,12 @@ impl SdxlPipeline {
     /// Unloads a ControlNet (its memory is freed when the returned value is dropped).
     pub fn remove_controlnet(&mut self, id: ControlNetId) -> Option<ControlNet> {
         #[cfg(feature = "cuda")]
-        if let GraphState::On(graphs) = &mut *self.graphs.lock().unwrap_or_else(|e| e.into_inner())
         {
-            for hidden in graphs.forget_controlnet(id) {
-                self.unet.forget_context(&hidden);
-            }
+            let dropped = match &mut *self.graphs.lock().unwrap_or_else(|e| e.into_inner()) {
+                GraphState::On(graphs) => graphs.forget_controlnet(id),
+                _ => Vec::new(),
+            };
+            self.forget_graph_buffers(dropped);
         }
         self.controlnets.remove(&id)
     }
@@ -953,9 +988,7 @@ impl SdxlPipeline {
                         input.image.height()
                     )));
                 }
-                let image = control_image_to_tensor(&input.image)
-                    .to_device(net.device())
-                    .to_kind(net.kind());
+                let image = control_image_to_tensor(&input.image, net.device()).to_kind(net.kind());
                 let image = if guided {
                     Tensor::cat(&[&image, &image], 0)
                 } else {
@@ -1013,35 +1046,37 @@ fn build<M>(
 
 /// Text states whose cross-attention keys and values the UNet and the generation's
 /// ControlNets remember ([`UNet2DConditionModel::remember_context`]) while it lives.
-struct RememberedText<'a> {
+struct Remembered<'a> {
     unet: &'a UNet2DConditionModel,
-    controlnets: Vec<&'a ControlNetModel>,
+    controls: &'a [PreparedControl<'a>],
     hidden: &'a Tensor,
 }
 
-impl<'a> RememberedText<'a> {
+impl<'a> Remembered<'a> {
     fn new(
         unet: &'a UNet2DConditionModel,
-        controlnets: Vec<&'a ControlNetModel>,
+        controls: &'a [PreparedControl<'a>],
         hidden: &'a Tensor,
     ) -> Self {
         unet.remember_context(hidden);
-        for net in &controlnets {
-            net.remember_context(hidden);
+        for control in controls {
+            control.net.model().remember_context(hidden);
+            control.net.model().remember_condition(&control.image);
         }
-        RememberedText {
+        Remembered {
             unet,
-            controlnets,
+            controls,
             hidden,
         }
     }
 }
 
-impl Drop for RememberedText<'_> {
+impl Drop for Remembered<'_> {
     fn drop(&mut self) {
         self.unet.forget_context(self.hidden);
-        for net in &self.controlnets {
-            net.forget_context(self.hidden);
+        for control in self.controls {
+            control.net.model().forget_context(self.hidden);
+            control.net.model().forget_condition(&control.image);
         }
     }
 }

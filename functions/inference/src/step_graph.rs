@@ -40,6 +40,14 @@ impl StepKey {
     }
 }
 
+/// The buffers of a dropped recording that models may have remembered something of: the text
+/// states (cross-attention keys and values) and each ControlNet's control image (its
+/// conditioning embedding).
+pub(crate) struct GraphBuffers {
+    pub(crate) hidden: Tensor,
+    pub(crate) images: Vec<(ControlNetId, Tensor)>,
+}
+
 /// One recording and the buffers it reads and writes.
 struct StepGraph {
     graph: CudaGraph,
@@ -48,6 +56,7 @@ struct StepGraph {
     hidden: Tensor,
     pooled: Tensor,
     time_ids: Tensor,
+    /// The control images, one per ControlNet of the key, in its order.
     images: Vec<Tensor>,
     output: Tensor,
     /// The generation whose conditioning (text, control images) the buffers hold.
@@ -80,12 +89,12 @@ impl StepGraphs {
     }
 
     /// Drops every graph that runs ControlNet `id` (before the ControlNet's weights are freed).
-    /// Returns their text-state buffers, for the UNet to forget what it remembered of them.
-    pub fn forget_controlnet(&mut self, id: ControlNetId) -> Vec<Tensor> {
-        let dropped: Vec<Tensor> = self
+    /// Returns their buffers, for the models to forget what they remembered of them.
+    pub fn forget_controlnet(&mut self, id: ControlNetId) -> Vec<GraphBuffers> {
+        let dropped: Vec<GraphBuffers> = self
             .graphs
             .extract_if(|key, _| key.controls.iter().any(|(control, _, _)| *control == id))
-            .map(|(_, graph)| graph.hidden)
+            .map(|(key, graph)| graph.into_buffers(&key))
             .collect();
         if self.graphs.is_empty() {
             self.pool = None;
@@ -93,14 +102,24 @@ impl StepGraphs {
         dropped
     }
 
+    /// Drops every graph; returns their buffers, for the models to forget what they remembered
+    /// of them.
+    pub fn into_buffers(self) -> Vec<GraphBuffers> {
+        self.graphs
+            .into_iter()
+            .map(|(key, graph)| graph.into_buffers(&key))
+            .collect()
+    }
+
     /// `run(inputs, controls)` through the graph of this step's shape, recorded on first use.
     /// `inputs.timestep` must be a device tensor. Returns a fresh tensor (not the graph's
     /// output buffer, which the next replay overwrites).
     ///
-    /// `remember(hidden, controls)` has the models compute what they keep of a text-state
-    /// buffer (the cross-attention keys and values): called on the graph's own buffer before
-    /// it is recorded and each time a generation puts new text in it, so a replay reads keys
-    /// and values computed outside the graph, once per generation.
+    /// `remember(hidden, controls)` has the models compute what they keep of the graph's own
+    /// buffers — the text states' cross-attention keys and values, each control image's
+    /// conditioning embedding (`controls` then carry the graph's image buffers): called before
+    /// the graph is recorded and each time a generation puts new conditioning in them, so a
+    /// replay reads what was computed outside the graph, once per generation.
     pub fn predict(
         &mut self,
         inputs: &StepInputs<'_>,
@@ -139,7 +158,7 @@ impl StepGraphs {
             for (buffer, control) in graph.images.iter_mut().zip(controls) {
                 buffer.copy_(control.image);
             }
-            remember(&graph.hidden, controls);
+            remember(&graph.hidden, &on_buffers(controls, &graph.images));
             graph.generation = generation;
         }
         graph.sample.copy_(inputs.sample);
@@ -147,6 +166,34 @@ impl StepGraphs {
         graph.graph.replay()?;
         Ok(graph.output.copy())
     }
+}
+
+impl StepGraph {
+    fn into_buffers(self, key: &StepKey) -> GraphBuffers {
+        GraphBuffers {
+            hidden: self.hidden,
+            images: key
+                .controls
+                .iter()
+                .map(|(id, _, _)| *id)
+                .zip(self.images)
+                .collect(),
+        }
+    }
+}
+
+/// `controls` reading the graph's image buffers instead of the caller's images.
+fn on_buffers<'a>(controls: &[ActiveControl<'a>], images: &'a [Tensor]) -> Vec<ActiveControl<'a>> {
+    controls
+        .iter()
+        .zip(images)
+        .map(|(c, image)| ActiveControl {
+            id: c.id,
+            net: c.net,
+            image,
+            scale: c.scale,
+        })
+        .collect()
 }
 
 /// Records `run` on copies of the inputs (the graph's buffers) into `pool` (set to a new pool
@@ -168,7 +215,8 @@ fn record(
     let pooled = inputs.pooled.copy();
     let time_ids = inputs.time_ids.copy();
     let images: Vec<Tensor> = controls.iter().map(|c| c.image.copy()).collect();
-    remember(&hidden, controls);
+    let fixed_controls = on_buffers(controls, &images);
+    remember(&hidden, &fixed_controls);
     let (graph, output) = CudaGraph::capture(device, *pool, || {
         let fixed = StepInputs {
             sample: &sample,
@@ -177,16 +225,6 @@ fn record(
             pooled: &pooled,
             time_ids: &time_ids,
         };
-        let fixed_controls: Vec<ActiveControl<'_>> = controls
-            .iter()
-            .zip(&images)
-            .map(|(c, image)| ActiveControl {
-                id: c.id,
-                net: c.net,
-                image,
-                scale: c.scale,
-            })
-            .collect();
         run(&fixed, &fixed_controls)
     })?;
     if pool.is_none() {

@@ -16,6 +16,7 @@ use darkroom_inference::device::DType;
 use darkroom_inference::pipeline::{
     ControlInput, ControlNetId, GenerateRequest, InitImage, SdxlPipeline, controlnet_keep,
 };
+use darkroom_inference::profile::{self, ProfiledEvent};
 use darkroom_inference::unet::{
     AddedConditioning, ControlResiduals, UNet2DConditionModel, UNetConfig,
 };
@@ -180,6 +181,130 @@ fn bgr_order_and_global_pooling_follow_diffusers() {
         assert_eq!(a.size(), mean.size());
         assert!(common::relative_error(a, &mean) <= 1e-6);
     }
+}
+
+/// The control image's embedding computed once (`remember_condition`) gives the residuals of
+/// computing it every step, bit for bit — in the BGR channel order too; an image changed in
+/// place needs remembering again, and after `forget_condition` it is computed afresh.
+#[test]
+fn a_remembered_control_image_gives_the_same_residuals() {
+    let t = common::read_tensors(&fixture().join("module.safetensors"));
+    let added = AddedConditioning {
+        text_embeds: &t["text_embeds"],
+        time_ids: &t["time_ids"],
+    };
+    let run = |model: &ControlNetModel, cond: &Tensor| {
+        let output = model
+            .forward(
+                &t["sample"],
+                421.0,
+                &t["encoder_hidden_states"],
+                cond,
+                0.7,
+                Some(&added),
+            )
+            .unwrap();
+        let mut all = output.down;
+        all.push(output.mid);
+        all
+    };
+    let same = |a: &[Tensor], b: &[Tensor]| a.iter().zip(b).all(|(x, y)| x.equal(y));
+    for order in ["rgb", "bgr"] {
+        let (_vs, model) =
+            variant_model(|c| c.controlnet_conditioning_channel_order = order.into());
+        let mut cond = t["controlnet_cond"].copy();
+        let fresh = run(&model, &cond);
+        model.remember_condition(&cond);
+        assert!(same(&run(&model, &cond), &fresh), "{order}");
+
+        // Changed in place: the remembered embedding is stale until remembered again.
+        let _ = cond.g_mul_scalar_(0.5);
+        let halved = t["controlnet_cond"].copy() * 0.5;
+        let expected = run(&model, &halved);
+        assert!(!same(&expected, &fresh));
+        assert!(
+            same(&run(&model, &cond), &fresh),
+            "{order}: stale, as documented"
+        );
+        model.remember_condition(&cond);
+        assert!(same(&run(&model, &cond), &expected), "{order}");
+
+        // Forgotten: computed from the tensor's contents again.
+        model.forget_condition(&cond);
+        let _ = cond.g_mul_scalar_(2.0);
+        assert!(
+            same(&run(&model, &cond), &run(&model, &t["controlnet_cond"])),
+            "{order}"
+        );
+    }
+}
+
+/// The pipeline embeds each control image once per image, not once per step: the convolutions
+/// an extra step calls (libtorch's profiler) are the UNet's and a ControlNet forward's with its
+/// image remembered — the conditioning embedding's are not among them.
+#[test]
+fn the_pipeline_embeds_a_control_image_once_per_image() {
+    let fixture = fixture();
+    let (pipeline, a, b) = pipeline(&fixture);
+    let ids = |name: &str| if name == "controlnet-a" { a } else { b };
+    let mut request = request(
+        &fixture,
+        &params(&fixture.join("cases/txt2img-one-euler")),
+        &ids,
+    );
+    assert_eq!(request.controls.len(), 1);
+    let count_convs =
+        |ops: Vec<&ProfiledEvent>| ops.iter().filter(|op| op.name == "aten::conv2d").count();
+    let convs_per_step = |request: &mut GenerateRequest| {
+        let mut convs = Vec::new();
+        for steps in [2, 3] {
+            request.steps = steps;
+            let (_, recorded) = profile::record(false, || {
+                pipeline.generate(request, &mut |_, _| {}).unwrap()
+            })
+            .unwrap();
+            convs.push(count_convs(recorded.top_level_ops()));
+        }
+        convs[1] - convs[0]
+    };
+    let with_control = convs_per_step(&mut request);
+    request.controls.clear();
+    let without = convs_per_step(&mut request);
+
+    let t = common::read_tensors(&fixture.join("module.safetensors"));
+    let model = pipeline.controlnet(a).unwrap().model();
+    let forward_convs = || {
+        let (_, recorded) = profile::record(false, || {
+            model
+                .forward(
+                    &t["sample"],
+                    421.0,
+                    &t["encoder_hidden_states"],
+                    &t["controlnet_cond"],
+                    0.7,
+                    Some(&AddedConditioning {
+                        text_embeds: &t["text_embeds"],
+                        time_ids: &t["time_ids"],
+                    }),
+                )
+                .unwrap()
+        })
+        .unwrap();
+        count_convs(recorded.top_level_ops())
+    };
+    let fresh = forward_convs();
+    model.remember_condition(&t["controlnet_cond"]);
+    let remembered = forward_convs();
+    model.forget_condition(&t["controlnet_cond"]);
+    let levels = model
+        .config()
+        .conditioning_embedding_out_channels
+        .as_ref()
+        .unwrap()
+        .len();
+    // conv_in, two per level after the first, conv_out.
+    assert_eq!(fresh - remembered, 2 * levels);
+    assert_eq!(with_control - without, remembered);
 }
 
 #[test]

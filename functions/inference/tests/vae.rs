@@ -88,7 +88,13 @@ fn matches_diffusers(variant: &str) {
 
     // Preprocessing: u8 → [-1, 1], bit for bit.
     let images = images_from_nhwc(&reference["image_u8"]);
-    let pixels = Tensor::cat(&images.iter().map(image_to_tensor).collect::<Vec<_>>(), 0);
+    let pixels = Tensor::cat(
+        &images
+            .iter()
+            .map(|image| image_to_tensor(image, Device::Cpu))
+            .collect::<Vec<_>>(),
+        0,
+    );
     assert!(
         pixels.equal(&reference["pixels"]),
         "{variant}: preprocessing differs"
@@ -360,7 +366,7 @@ fn image_conversion_round_trips_and_clamps() {
     let image = RgbImage::from_fn(5, 3, |x, y| {
         image::Rgb([(x * 50) as u8, (y * 100) as u8, 255])
     });
-    let tensor = image_to_tensor(&image);
+    let tensor = image_to_tensor(&image, Device::Cpu);
     assert_eq!(tensor.size(), vec![1, 3, 3, 5]);
     assert_eq!(tensor.min().double_value(&[]), -1.0);
     assert_eq!(tensor.max().double_value(&[]), 1.0);

@@ -63,7 +63,7 @@ pub(crate) fn forget_context_in<'a>(layers: impl Iterator<Item = &'a Attention>,
 }
 
 /// Whether `a` and `b` are the same tensor: the same memory seen the same way.
-fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
+pub(crate) fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
     a.data_ptr() == b.data_ptr()
         && a.size() == b.size()
         && a.stride() == b.stride()

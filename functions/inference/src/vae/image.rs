@@ -10,13 +10,15 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{EngineError, Result};
 
-/// An RGB image (HWC, u8) → a (1, 3, H, W) f32 CPU tensor in [-1, 1].
+/// An RGB image (HWC, u8) → a (1, 3, H, W) f32 tensor in [-1, 1] on `device`.
 ///
-/// Cast it to the VAE's kind and device (or let [`super::AutoencoderKL::encode`] do so); stack
-/// several with `Tensor::cat(&[a, b], 0)`.
-pub fn image_to_tensor(image: &RgbImage) -> Tensor {
+/// The bytes travel and are converted there (the same floats on every device: a division and a
+/// multiply-subtract, each correctly rounded). Cast the result to the VAE's kind (or let
+/// [`super::AutoencoderKL::encode`] do so); stack several with `Tensor::cat(&[a, b], 0)`.
+pub fn image_to_tensor(image: &RgbImage, device: Device) -> Tensor {
     let (width, height) = image.dimensions();
     let unit = Tensor::from_slice(image.as_raw())
+        .to_device(device)
         .view([1, i64::from(height), i64::from(width), 3])
         .permute([0, 3, 1, 2])
         .to_kind(Kind::Float)
