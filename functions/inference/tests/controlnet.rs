@@ -8,10 +8,13 @@ mod common;
 
 use common::CaseParams as Params;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use darkroom_inference::EngineError;
-use darkroom_inference::controlnet::{ControlNet, ControlNetConfig, ControlNetModel};
+use darkroom_inference::controlnet::{
+    ControlNet, ControlNetConfig, ControlNetModel, ControlNetOutput,
+};
 use darkroom_inference::device::DType;
 use darkroom_inference::pipeline::{
     ControlInput, ControlNetId, GenerateRequest, InitImage, SdxlPipeline, controlnet_keep,
@@ -75,26 +78,38 @@ fn pipeline(fixture: &Path) -> (SdxlPipeline, ControlNetId, ControlNetId) {
     (pipeline, a, b)
 }
 
-/// Runs controlnet-a (or the folder given) on the recorded inputs; returns the residuals and the
-/// reference tensors.
-fn module_run(folder: &str) -> (Vec<Tensor>, Vec<Tensor>) {
-    let fixture = fixture();
-    let net = ControlNet::load(&fixture.join(folder), Device::Cpu, DType::F32).unwrap();
-    let t = common::read_tensors(&fixture.join("module.safetensors"));
-    let output = net
-        .model()
+/// The recorded module inputs (module.safetensors).
+fn module_inputs() -> HashMap<String, Tensor> {
+    common::read_tensors(&fixture().join("module.safetensors"))
+}
+
+/// `model` on the recorded inputs, with `cond` as the control image.
+fn forward_recorded(
+    model: &ControlNetModel,
+    t: &HashMap<String, Tensor>,
+    cond: &Tensor,
+) -> ControlNetOutput {
+    model
         .forward(
             &t["sample"],
             421.0,
             &t["encoder_hidden_states"],
-            &t["controlnet_cond"],
+            cond,
             0.7,
             Some(&AddedConditioning {
                 text_embeds: &t["text_embeds"],
                 time_ids: &t["time_ids"],
             }),
         )
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs controlnet-a (or the folder given) on the recorded inputs; returns the residuals and the
+/// reference tensors.
+fn module_run(folder: &str) -> (Vec<Tensor>, Vec<Tensor>) {
+    let net = ControlNet::load(&fixture().join(folder), Device::Cpu, DType::F32).unwrap();
+    let t = module_inputs();
+    let output = forward_recorded(net.model(), &t, &t["controlnet_cond"]);
     assert_eq!(output.down.len(), 9, "SDXL layout: 9 down residuals");
     assert_eq!(net.model().num_down_residuals(), 9);
     let mut actual = output.down;
@@ -147,23 +162,8 @@ fn variant_model(edit: impl FnOnce(&mut ControlNetConfig)) -> (nn::VarStore, Con
 
 #[test]
 fn bgr_order_and_global_pooling_follow_diffusers() {
-    let t = common::read_tensors(&fixture().join("module.safetensors"));
-    let added = AddedConditioning {
-        text_embeds: &t["text_embeds"],
-        time_ids: &t["time_ids"],
-    };
-    let run = |model: &ControlNetModel, cond: &Tensor| {
-        model
-            .forward(
-                &t["sample"],
-                421.0,
-                &t["encoder_hidden_states"],
-                cond,
-                0.7,
-                Some(&added),
-            )
-            .unwrap()
-    };
+    let t = module_inputs();
+    let run = |model: &ControlNetModel, cond: &Tensor| forward_recorded(model, &t, cond);
     let (_rgb_vs, rgb) = variant_model(|_| {});
     let (_bgr_vs, bgr) = variant_model(|c| c.controlnet_conditioning_channel_order = "bgr".into());
     let cond = &t["controlnet_cond"];
@@ -188,22 +188,9 @@ fn bgr_order_and_global_pooling_follow_diffusers() {
 /// place needs remembering again, and after `forget_condition` it is computed afresh.
 #[test]
 fn a_remembered_control_image_gives_the_same_residuals() {
-    let t = common::read_tensors(&fixture().join("module.safetensors"));
-    let added = AddedConditioning {
-        text_embeds: &t["text_embeds"],
-        time_ids: &t["time_ids"],
-    };
+    let t = module_inputs();
     let run = |model: &ControlNetModel, cond: &Tensor| {
-        let output = model
-            .forward(
-                &t["sample"],
-                421.0,
-                &t["encoder_hidden_states"],
-                cond,
-                0.7,
-                Some(&added),
-            )
-            .unwrap();
+        let output = forward_recorded(model, &t, cond);
         let mut all = output.down;
         all.push(output.mid);
         all
@@ -271,25 +258,11 @@ fn the_pipeline_embeds_a_control_image_once_per_image() {
     request.controls.clear();
     let without = convs_per_step(&mut request);
 
-    let t = common::read_tensors(&fixture.join("module.safetensors"));
+    let t = module_inputs();
     let model = pipeline.controlnet(a).unwrap().model();
     let forward_convs = || {
-        let (_, recorded) = profile::record(false, || {
-            model
-                .forward(
-                    &t["sample"],
-                    421.0,
-                    &t["encoder_hidden_states"],
-                    &t["controlnet_cond"],
-                    0.7,
-                    Some(&AddedConditioning {
-                        text_embeds: &t["text_embeds"],
-                        time_ids: &t["time_ids"],
-                    }),
-                )
-                .unwrap()
-        })
-        .unwrap();
+        let (_, recorded) =
+            profile::record(false, || forward_recorded(model, &t, &t["controlnet_cond"])).unwrap();
         count_convs(recorded.top_level_ops())
     };
     let fresh = forward_convs();
