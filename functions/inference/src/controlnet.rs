@@ -10,7 +10,6 @@
 //! (`config.json` + `diffusion_pytorch_model.safetensors`) loads as is ([`ControlNet::load`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -20,6 +19,7 @@ use tch::{Device, Kind, Tensor};
 use crate::device::DType;
 use crate::layers::conv2d;
 use crate::loader::{Component, ComponentSource, WeightVariant};
+use crate::memo::TensorMemo;
 use crate::unet::attention::{self, Attention, Transformer2DModel};
 use crate::unet::unet_2d_blocks::{
     CrossAttnDownBlock2D, DownBlock, DownBlock2D, DownBlockConfig, MidBlockConfig,
@@ -448,15 +448,8 @@ pub struct ControlNetModel {
     mid_block: UNetMidBlock2DCrossAttn,
     controlnet_mid_block: nn::Conv2D,
     flip_channels: bool,
-    remembered: Mutex<Vec<RememberedCondition>>,
-}
-
-/// The conditioning embedding of one control-image tensor ([`ControlNetModel::remember_condition`]).
-#[derive(Debug)]
-struct RememberedCondition {
-    /// The tensor it was computed from (held, so its memory cannot be reused by another).
-    image: Tensor,
-    embedding: Tensor,
+    /// Conditioning embeddings by control-image tensor ([`Self::remember_condition`]).
+    remembered: TensorMemo,
 }
 
 impl ControlNetModel {
@@ -559,7 +552,7 @@ impl ControlNetModel {
             mid_block,
             controlnet_mid_block,
             flip_channels,
-            remembered: Mutex::new(Vec::new()),
+            remembered: TensorMemo::default(),
         })
     }
 
@@ -593,12 +586,6 @@ impl ControlNetModel {
         attention::forget_context_in(self.cross_attentions(), context);
     }
 
-    fn remembered(&self) -> std::sync::MutexGuard<'_, Vec<RememberedCondition>> {
-        self.remembered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Computes the conditioning embedding of the control image `controlnet_cond` now, for
     /// every later [`Self::forward`] over this same tensor: the image is the same at every
     /// denoising step, so its eight convolutions at the image's full resolution run once per
@@ -608,37 +595,20 @@ impl ControlNetModel {
     /// contents have changed.
     pub fn remember_condition(&self, controlnet_cond: &Tensor) {
         let _no_grad = tch::no_grad_guard();
-        let embedding = self.embed_condition(controlnet_cond);
-        let mut remembered = self.remembered();
-        match remembered
-            .iter_mut()
-            .find(|entry| attention::same_tensor(&entry.image, controlnet_cond))
-        {
-            Some(entry) => {
-                let mut stored = entry.embedding.shallow_clone();
-                stored.copy_(&embedding);
-            }
-            None => remembered.push(RememberedCondition {
-                image: controlnet_cond.shallow_clone(),
-                embedding,
-            }),
-        }
+        self.remembered
+            .store(controlnet_cond, self.embed_condition(controlnet_cond));
     }
 
     /// Drops what [`Self::remember_condition`] stored for `controlnet_cond`.
     pub fn forget_condition(&self, controlnet_cond: &Tensor) {
-        self.remembered()
-            .retain(|entry| !attention::same_tensor(&entry.image, controlnet_cond));
+        self.remembered.forget(controlnet_cond);
     }
 
     /// The conditioning embedding of `controlnet_cond`: remembered, or computed now.
     fn condition_embedding(&self, controlnet_cond: &Tensor) -> Tensor {
-        let remembered = self
-            .remembered()
-            .iter()
-            .find(|entry| attention::same_tensor(&entry.image, controlnet_cond))
-            .map(|entry| entry.embedding.shallow_clone());
-        remembered.unwrap_or_else(|| self.embed_condition(controlnet_cond))
+        self.remembered
+            .get(controlnet_cond)
+            .unwrap_or_else(|| self.embed_condition(controlnet_cond))
     }
 
     /// `controlnet_cond_embedding` of the control image in the model's channel order.

@@ -26,6 +26,7 @@ pub mod kernels;
 mod layers;
 pub mod loader;
 pub mod lora;
+mod memo;
 pub mod pipeline;
 pub mod pose;
 pub mod profile;

@@ -5,8 +5,7 @@
 //! The block is the one of "High-Resolution Image Synthesis with Latent Diffusion Models"
 //! (Rombach et al., 2022, <https://arxiv.org/abs/2112.10752>).
 
-use std::sync::{Mutex, PoisonError};
-
+use crate::memo::TensorMemo;
 use crate::{kernels, layers};
 use tch::Tensor;
 use tch::nn::{self, Module};
@@ -32,16 +31,8 @@ pub struct Attention {
     to_out: nn::Linear,
     heads: i64,
     inner: i64,
-    remembered: Mutex<Vec<RememberedContext>>,
-}
-
-/// The keys and values of one text-state tensor.
-#[derive(Debug)]
-struct RememberedContext {
-    /// The tensor they were computed from (held, so its memory cannot be reused by another).
-    context: Tensor,
-    /// `[b, m, 2·inner]`: keys, then values.
-    keys_values: Tensor,
+    /// `[b, m, 2·inner]` keys, then values, by text-state tensor.
+    remembered: TensorMemo,
 }
 
 /// [`Attention::remember_context`] in each of `layers`, without gradients.
@@ -60,15 +51,6 @@ pub(crate) fn forget_context_in<'a>(layers: impl Iterator<Item = &'a Attention>,
     for attention in layers {
         attention.forget_context(context);
     }
-}
-
-/// Whether `a` and `b` are the same tensor: the same memory seen the same way.
-pub(crate) fn same_tensor(a: &Tensor, b: &Tensor) -> bool {
-    a.data_ptr() == b.data_ptr()
-        && a.size() == b.size()
-        && a.stride() == b.stride()
-        && a.kind() == b.kind()
-        && a.device() == b.device()
 }
 
 /// Linear maps without bias whose weights are row blocks of one matrix.
@@ -158,14 +140,8 @@ impl Attention {
             to_out: layers::linear(&path / "to_out" / 0, inner, query_dim, true),
             heads,
             inner,
-            remembered: Mutex::new(Vec::new()),
+            remembered: TensorMemo::default(),
         })
-    }
-
-    fn remembered(&self) -> std::sync::MutexGuard<'_, Vec<RememberedContext>> {
-        self.remembered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Computes the keys and values of `context` now, for every later [`Attention::forward`]
@@ -174,40 +150,21 @@ impl Attention {
     /// whenever the tensor's contents or this layer's weights (a LoRA fused) have changed.
     /// Self-attention has nothing to remember.
     pub fn remember_context(&self, context: &Tensor) {
-        let Some(projection) = &self.keys_values else {
-            return;
-        };
-        let keys_values = projection.forward(context);
-        let mut remembered = self.remembered();
-        match remembered
-            .iter_mut()
-            .find(|entry| same_tensor(&entry.context, context))
-        {
-            Some(entry) => {
-                let mut stored = entry.keys_values.shallow_clone();
-                stored.copy_(&keys_values);
-            }
-            None => remembered.push(RememberedContext {
-                context: context.shallow_clone(),
-                keys_values,
-            }),
+        if let Some(projection) = &self.keys_values {
+            self.remembered.store(context, projection.forward(context));
         }
     }
 
     /// Drops what [`Attention::remember_context`] stored for `context`.
     pub fn forget_context(&self, context: &Tensor) {
-        self.remembered()
-            .retain(|entry| !same_tensor(&entry.context, context));
+        self.remembered.forget(context);
     }
 
     /// The keys and values of `context`: remembered, or computed now.
     fn context_keys_values(&self, projection: &StackedProjection, context: &Tensor) -> Tensor {
-        let remembered = self
-            .remembered()
-            .iter()
-            .find(|entry| same_tensor(&entry.context, context))
-            .map(|entry| entry.keys_values.shallow_clone());
-        remembered.unwrap_or_else(|| projection.forward(context))
+        self.remembered
+            .get(context)
+            .unwrap_or_else(|| projection.forward(context))
     }
 
     /// `xs`: `[b, n, query_dim]`; `context`: `[b, m, cross_attention_dim]` for cross-attention
@@ -599,15 +556,16 @@ mod tests {
         let mut context = Tensor::randn([2, 3, 24], (Kind::Float, Device::Cpu));
         let computed = attention.forward(&xs, Some(&context));
         attention.remember_context(&context);
-        let stored = attention.remembered()[0].keys_values.data_ptr();
+        let remembered =
+            |context: &Tensor| attention.remembered.get(context).map(|kv| kv.data_ptr());
+        let stored = remembered(&context).expect("remembered");
         assert_eq!(attention.forward(&xs, Some(&context)), computed);
 
         // New text in the same buffer: remembered again, in place.
         let other = Tensor::randn([2, 3, 24], (Kind::Float, Device::Cpu));
         context.copy_(&other);
         attention.remember_context(&context);
-        assert_eq!(attention.remembered().len(), 1);
-        assert_eq!(attention.remembered()[0].keys_values.data_ptr(), stored);
+        assert_eq!(remembered(&context), Some(stored));
         let expected = reference(&vs, &xs, &other, 2, "attn");
         let error = (attention.forward(&xs, Some(&context)) - expected)
             .abs()
@@ -616,12 +574,10 @@ mod tests {
         assert!(error < 1e-5, "max difference {error}");
 
         // Another tensor with the same values is not the remembered one; forgetting empties.
-        let copy = context.copy();
-        assert!(!same_tensor(&copy, &context));
-        attention.forget_context(&copy);
-        assert_eq!(attention.remembered().len(), 1);
+        attention.forget_context(&context.copy());
+        assert_eq!(remembered(&context), Some(stored));
         attention.forget_context(&context);
-        assert!(attention.remembered().is_empty());
+        assert_eq!(remembered(&context), None);
     }
 
     /// The residual sum takes the input's layout, although the projection's output is a
@@ -658,6 +614,6 @@ mod tests {
         let attention = Attention::new(vs.root() / "attn", 16, None, 2, 8).unwrap();
         let xs = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
         attention.remember_context(&xs);
-        assert!(attention.remembered().is_empty());
+        assert!(attention.remembered.get(&xs).is_none());
     }
 }
