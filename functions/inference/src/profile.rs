@@ -289,12 +289,7 @@ impl Profile {
 
     /// Calls and total time per name of `events`, longest total first.
     pub fn tally<'a>(events: impl IntoIterator<Item = &'a ProfiledEvent>) -> Vec<Tally> {
-        let mut by_name: HashMap<&str, (u64, u64)> = HashMap::new();
-        for event in events {
-            let entry = by_name.entry(event.name.as_str()).or_default();
-            entry.0 += 1;
-            entry.1 += event.duration_ns;
-        }
+        let by_name = calls_and_time(events, |event| event.name.as_str());
         sorted(by_name.into_iter().map(|(name, (calls, total_ns))| Tally {
             name: name.to_owned(),
             calls,
@@ -305,14 +300,9 @@ impl Profile {
     /// Calls and GPU time per [`KernelClass`], in [`KernelClass::ALL`]'s order (classes that did
     /// not run are left out).
     pub fn by_class(&self) -> Vec<(KernelClass, Tally)> {
-        let mut by_class: HashMap<KernelClass, (u64, u64)> = HashMap::new();
-        for event in self.device_events() {
-            let entry = by_class
-                .entry(KernelClass::of(event.kind, &event.name))
-                .or_default();
-            entry.0 += 1;
-            entry.1 += event.duration_ns;
-        }
+        let by_class = calls_and_time(self.device_events(), |event| {
+            KernelClass::of(event.kind, &event.name)
+        });
         KernelClass::ALL
             .into_iter()
             .filter_map(|class| {
@@ -373,6 +363,20 @@ impl Profile {
         }
         out
     }
+}
+
+/// Calls and total duration of `events` by `key`.
+fn calls_and_time<'a, K: std::hash::Hash + Eq>(
+    events: impl IntoIterator<Item = &'a ProfiledEvent>,
+    key: impl Fn(&'a ProfiledEvent) -> K,
+) -> HashMap<K, (u64, u64)> {
+    let mut totals: HashMap<K, (u64, u64)> = HashMap::new();
+    for event in events {
+        let entry = totals.entry(key(event)).or_default();
+        entry.0 += 1;
+        entry.1 += event.duration_ns;
+    }
+    totals
 }
 
 fn sorted(tallies: impl Iterator<Item = Tally>) -> Vec<Tally> {
