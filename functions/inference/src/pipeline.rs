@@ -1044,8 +1044,10 @@ fn build<M>(
     Ok(module)
 }
 
-/// Text states whose cross-attention keys and values the UNet and the generation's
-/// ControlNets remember ([`UNet2DConditionModel::remember_context`]) while it lives.
+/// What the models remember for one eager generation while it lives: the text states'
+/// cross-attention keys and values in the UNet and the generation's ControlNets
+/// ([`UNet2DConditionModel::remember_context`]), and each control image's conditioning
+/// embedding ([`ControlNetModel::remember_condition`](crate::controlnet::ControlNetModel::remember_condition)).
 struct Remembered<'a> {
     unet: &'a UNet2DConditionModel,
     controls: &'a [PreparedControl<'a>],
