@@ -237,7 +237,9 @@ impl Upsample2D {
         let size = xs.size();
         assert_eq!(size.len(), 4, "Upsample2D takes [b, c, h, w], got {size:?}");
         let (batch, h, w) = (size[0], size[2], size[3]);
-        let weight = &self.conv.ws;
+        let run_kind = self.conv.ws.kind();
+        // Up to four taps meet in one phase tap: summed in f32, rounded once to the run dtype.
+        let weight = &self.conv.ws.to_kind(tch::Kind::Float);
         let out = weight.size()[0];
         // The two phases' 2-tap kernels along `dim` (2: rows, 3: columns) of a 3-tap kernel.
         let phases = |w: &Tensor, dim: i64| -> [Tensor; 2] {
@@ -251,7 +253,7 @@ impl Upsample2D {
             .iter()
             .flat_map(|rows| phases(rows, 3))
             .collect();
-        let kernel = Tensor::cat(&kernels, 0);
+        let kernel = Tensor::cat(&kernels, 0).to_kind(run_kind);
         let bias = self.conv.bs.as_ref().map(|b| b.repeat([4]));
         // Phase (a, b)'s output pixel (i, j) is its 2×2 window at (i + a, j + b) of the padded
         // input: one valid convolution of the padded input, then four offset views.
@@ -345,6 +347,35 @@ mod tests {
             .double_value(&[])
             / direct.abs().max().double_value(&[]);
         assert!(error < 1e-6, "relative {error}");
+
+        // In bf16 the phase kernels are summed in f32 and rounded once: no further from the f32
+        // result than the direct bf16 path is (up to bf16's own step).
+        let half = Upsample2D::new(vs.root() / "bf16", 6, 5).expect("an upsampler");
+        tch::no_grad(|| {
+            let mut weight = half.conv.ws.shallow_clone();
+            weight.set_data(&up.conv.ws.to_kind(tch::Kind::BFloat16));
+            if let (Some(bias), Some(reference)) = (&half.conv.bs, &up.conv.bs) {
+                bias.shallow_clone()
+                    .set_data(&reference.to_kind(tch::Kind::BFloat16));
+            }
+        });
+        let reference =
+            up.forward_direct(&xs.to_kind(tch::Kind::BFloat16).to_kind(tch::Kind::Float));
+        let range = reference.abs().max().double_value(&[]);
+        let error_of = |t: Tensor| {
+            (t.to_kind(tch::Kind::Float) - &reference)
+                .abs()
+                .max()
+                .double_value(&[])
+                / range
+        };
+        let xs_half = xs.to_kind(tch::Kind::BFloat16);
+        let direct_error = error_of(half.forward_direct(&xs_half));
+        let phases_error = error_of(half.forward_phases(&xs_half));
+        assert!(
+            phases_error <= 2.0 * direct_error + 2f64.powi(-8),
+            "bf16: phases {phases_error:.2e}, direct {direct_error:.2e}"
+        );
 
         // A forced size that is not a doubling takes the direct path, as diffusers does.
         let forced = up.forward(&xs, Some([9, 13]));
