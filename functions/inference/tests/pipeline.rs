@@ -190,3 +190,43 @@ fn a_generation_stops_between_steps_when_asked() {
     pipeline.generate(&request, &mut |_, _| steps += 1).unwrap();
     assert_eq!(steps, 5);
 }
+
+/// `darkroom-bench`, the instrument behind BENCHMARKS.md, runs end to end on a model folder:
+/// the table, the phases outside the steps, the JSON, and `--kernel-profile` (libtorch's
+/// profiler; on the CPU the operations the pipeline called, convolutions among them).
+#[test]
+fn the_bench_command_times_and_profiles_a_model() {
+    let fixture = common::fixture("pipeline", &[]);
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("bench.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_darkroom-bench"))
+        .args(["--model".as_ref(), fixture.join("model").as_os_str()])
+        .args([
+            "--device", "cpu", "--steps", "2", "--width", "64", "--height", "64",
+        ])
+        .args(["--runs", "2", "--no-diffusers", "--kernel-profile"])
+        .args(["--json".as_ref(), json.as_os_str()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "| Darkroom  |",
+        "Darkroom outside the steps, mean per image: prompt",
+        "#### Where one image's time goes: stock kernels",
+        "operations called by the pipeline (top level)",
+        "| aten::conv2d |",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} missing:\n{stdout}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let darkroom = &report["darkroom"];
+    assert_eq!(darkroom["seconds"].as_array().unwrap().len(), 2);
+    assert_eq!(darkroom["phases_s"].as_array().unwrap().len(), 2);
+    assert_eq!(darkroom["steps"], 2);
+}
