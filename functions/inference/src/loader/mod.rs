@@ -38,6 +38,7 @@ mod key_map;
 mod layout;
 mod safetensors;
 pub mod single_file;
+mod upload;
 
 use std::fmt;
 use std::path::PathBuf;

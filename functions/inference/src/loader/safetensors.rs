@@ -1,12 +1,11 @@
 //! Reading safetensors files by memory map, validated before anything is copied.
 //!
 //! Memory: a file is mapped, not read, so its bytes live in the page cache (shared, reclaimable)
-//! rather than in the process's heap. Each parameter is copied from the mapping into one CPU
-//! tensor of the stored dtype (tch offers no safe way to wrap the mapped bytes without a copy,
-//! and safetensors does not align them), which `copy_` then converts to the variable's dtype and
-//! moves to its device. The extra host memory at any moment is therefore about one tensor (two
-//! while `copy_` converts between dtypes across devices): for SDXL at most ~250 MB (the f32
-//! token embedding of the second text encoder), never a whole file.
+//! rather than in the process's heap. Values go from the mapping into the variables through
+//! [`super::upload`]: straight into CPU variables of the stored dtype, through a CPU tensor of
+//! the stored values for the others (one tensor at a time: for SDXL at most ~250 MB, the f32
+//! token embedding of the second text encoder), through two small pinned buffers to a GPU —
+//! never a whole file.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -19,6 +18,7 @@ use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
 use super::key_map::{KeyMap, Mapped, Transform};
+use super::upload::{CopyFailed, StoredValues, Upload};
 use super::{Component, ModelError};
 
 /// A weights file mapped into memory.
@@ -101,9 +101,10 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
-    /// The parameter as a CPU tensor of the stored dtype: the stored bytes (only the chunk's,
-    /// for a split) copied once into a new tensor, transposed as a view where asked.
-    fn tensor(&self, shape: &[i64]) -> Result<Tensor, tch::TchError> {
+    /// The parameter's stored values: the bytes (only the chunk's, for a split), their dtype and
+    /// shape, and whether the parameter is their transpose. Errors when the bytes do not fill
+    /// `shape` (the header validation and `Transform::output_shape` already rule that out).
+    fn values(&self, shape: &[i64]) -> Result<StoredValues<'_>, tch::TchError> {
         // Checked in `Plan::new`.
         let kind = kind_of(self.dtype).unwrap_or(Kind::Float);
         let data = self.data;
@@ -119,8 +120,6 @@ impl Source<'_> {
             }
             Transform::Transpose => (data, self.stored_shape.clone(), true),
         };
-        // `from_data_size` copies as many bytes as the shape asks for: make sure they exist
-        // (the header validation and `Transform::output_shape` already guarantee it).
         let needed = shape.iter().try_fold(kind.elt_size_in_bytes(), |n, &d| {
             usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
         });
@@ -131,8 +130,12 @@ impl Source<'_> {
                 self.stored_name
             )));
         }
-        let tensor = Tensor::f_from_data_size(bytes, &shape, kind)?;
-        if transpose { tensor.f_tr() } else { Ok(tensor) }
+        Ok(StoredValues {
+            bytes,
+            kind,
+            shape,
+            transpose,
+        })
     }
 }
 
@@ -322,18 +325,23 @@ pub fn load_var_store(
         });
     }
 
+    let torch = |failed: CopyFailed| ModelError::Torch {
+        component,
+        name: failed.name,
+        source: failed.source,
+    };
     tch::no_grad(|| {
+        let mut upload = Upload::new();
         for (name, var, source, shape) in copies {
-            let torch = |source| ModelError::Torch {
-                component,
-                name: name.to_owned(),
-                source,
-            };
-            let value = source.tensor(&shape).map_err(torch)?;
-            let mut var = var.shallow_clone();
-            var.f_copy_(&value).map_err(torch)?;
+            let values = source.values(&shape).map_err(|source| {
+                torch(CopyFailed {
+                    name: name.to_owned(),
+                    source,
+                })
+            })?;
+            upload.put(name, var, &values).map_err(torch)?;
         }
-        Ok(())
+        upload.finish().map_err(torch)
     })
 }
 
@@ -355,7 +363,8 @@ pub fn read_tensors(
     for (name, source) in &plan.sources {
         let shape = plan.shape(component, name, source, &[])?;
         let tensor = source
-            .tensor(&shape)
+            .values(&shape)
+            .and_then(|values| values.to_cpu_tensor())
             .and_then(|t| t.f_contiguous())
             .map_err(|e| ModelError::Torch {
                 component,
