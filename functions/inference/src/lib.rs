@@ -30,6 +30,7 @@ mod memo;
 pub mod pipeline;
 pub mod pose;
 pub mod profile;
+mod prompt_cache;
 pub mod scheduler;
 mod shim;
 #[cfg(feature = "cuda")]

@@ -30,6 +30,7 @@ use crate::controlnet::{ControlNet, ControlNetOutput, control_image_to_tensor};
 use crate::device::DType;
 use crate::loader::{Component, Layout, ModelSource, SourceOptions};
 use crate::lora::{LoraFuser, LoraSwitch, LoraTarget, LoraWeights};
+use crate::prompt_cache::{self, PromptCache, PromptKey};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerKind, step_noise_like};
 #[cfg(feature = "cuda")]
 use crate::step_graph::StepGraphs;
@@ -211,6 +212,9 @@ pub struct Timings {
     pub decode: Duration,
     /// Denoising steps run.
     pub steps: usize,
+    /// The prompt's text conditioning was remembered from an earlier generation
+    /// ([`SdxlPipeline::set_prompt_cache`]): no text encoder ran.
+    pub prompt_remembered: bool,
 }
 
 /// SDXL base loaded once: text encoders, UNet and VAE resident on one device.
@@ -225,6 +229,11 @@ pub struct SdxlPipeline {
     next_controlnet: u64,
     /// Pristine copies of LoRA-adapted weights and the current LoRA set.
     loras: LoraFuser,
+    /// The text conditioning of recent prompts (cleared when LoRAs change the text encoders).
+    prompts: Mutex<PromptCache>,
+    /// The LoRAs fused into the text encoders, as (id, weight bits) in the order given; `None`
+    /// after a failed switch.
+    text_loras: Option<Vec<(u64, u64)>>,
     scheduler_config: SchedulerConfig,
     device: Device,
     kind: Kind,
@@ -415,6 +424,8 @@ impl SdxlPipeline {
             controlnets: BTreeMap::new(),
             next_controlnet: 0,
             loras: LoraFuser::new(),
+            prompts: Mutex::new(PromptCache::new(prompt_cache::DEFAULT_ENTRIES)),
+            text_loras: Some(Vec::new()),
             scheduler_config,
             device,
             kind,
@@ -620,12 +631,8 @@ impl SdxlPipeline {
         tch::manual_seed(request.seed);
 
         let started = Instant::now();
-        let conditioning = self.text.encode_prompt(&PromptRequest {
-            negative_prompt: request.negative_prompt.clone(),
-            classifier_free_guidance: guided,
-            ..PromptRequest::new(request.prompt.clone())
-        })?;
-        let (hidden, pooled) = conditioning_batch(&conditioning, self.device, self.kind);
+        let (hidden, pooled, remembered) = self.text_conditioning(request, guided)?;
+        timings.prompt_remembered = remembered;
         // The text's keys and values and the control images' embeddings, once for all steps
         // (forgotten when this returns). Recorded steps read their own buffers' instead.
         let _remembered =
@@ -860,9 +867,58 @@ impl SdxlPipeline {
     /// empty set restores the base model exactly. Nothing changes when a LoRA does not fit.
     /// See [`LoraFuser::apply`].
     pub fn set_loras(&mut self, loras: &[(&LoraWeights, f64)]) -> Result<LoraSwitch> {
+        let text_loras: Vec<(u64, u64)> = loras
+            .iter()
+            .filter(|(lora, weight)| *weight != 0.0 && lora.adapts_text_encoders())
+            .map(|(lora, weight)| (lora.id(), weight.to_bits()))
+            .collect();
         let stores: Vec<(Component, &nn::VarStore)> =
             self.stores.iter().map(|(c, vs)| (*c, vs)).collect();
-        Ok(self.loras.apply(&stores, loras)?)
+        let switched = self.loras.apply(&stores, loras);
+        let now = switched.is_ok().then_some(text_loras);
+        if now.is_none() || now != self.text_loras {
+            self.prompt_cache().clear();
+        }
+        self.text_loras = now;
+        Ok(switched?)
+    }
+
+    /// Keeps the text conditioning of the `entries` most recently used prompts (16 by default;
+    /// 0 turns the cache off). A remembered prompt skips both text encoders; a LoRA switch
+    /// ([`Self::set_loras`]) that changes what is fused into the text encoders forgets every
+    /// entry. Weights edited by other means (through [`Self::var_store`]) need
+    /// `set_prompt_cache(0)` first.
+    pub fn set_prompt_cache(&self, entries: usize) {
+        self.prompt_cache().set_capacity(entries);
+    }
+
+    fn prompt_cache(&self) -> std::sync::MutexGuard<'_, PromptCache> {
+        self.prompts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The UNet's text inputs for `request` and whether they were remembered (else they are
+    /// encoded and remembered).
+    fn text_conditioning(
+        &self,
+        request: &GenerateRequest,
+        guided: bool,
+    ) -> Result<(Tensor, Tensor, bool)> {
+        let key = PromptKey {
+            prompt: request.prompt.clone(),
+            negative_prompt: request.negative_prompt.clone(),
+            guided,
+        };
+        if let Some((hidden, pooled)) = self.prompt_cache().get(&key) {
+            return Ok((hidden, pooled, true));
+        }
+        let conditioning = self.text.encode_prompt(&PromptRequest {
+            negative_prompt: request.negative_prompt.clone(),
+            classifier_free_guidance: guided,
+            ..PromptRequest::new(request.prompt.clone())
+        })?;
+        let (hidden, pooled) = conditioning_batch(&conditioning, self.device, self.kind);
+        self.prompt_cache().insert(key, &hidden, &pooled);
+        Ok((hidden, pooled, false))
     }
 
     fn store_refs(&self) -> Vec<(Component, &nn::VarStore)> {

@@ -315,6 +315,51 @@ fn switching_sets_is_exact() {
     assert!(differing(&base, &snapshot(&pipeline)).is_empty());
 }
 
+/// A pipeline remembers the text conditioning of the prompts it rendered; a LoRA switch that
+/// changes what the text encoders have fused makes it encode them again: the image after the
+/// switch is a fresh pipeline's, and a remembered prompt renders the same image as an encoded
+/// one.
+#[test]
+fn a_lora_switch_forgets_remembered_prompts() {
+    let fixture = fixture();
+    let mut pipeline = load(&fixture);
+    let a = lora(&pipeline, &fixture, "a_kohya.safetensors");
+    assert!(
+        a.modules().iter().any(|m| matches!(
+            m.component(),
+            Component::TextEncoder | Component::TextEncoder2
+        )),
+        "the LoRA adapts a text encoder"
+    );
+    let request = fox_request();
+    let base = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+    let remembered = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+    assert!(!base.timings.prompt_remembered && remembered.timings.prompt_remembered);
+    assert!(base.latents.equal(&remembered.latents));
+
+    pipeline.set_loras(&[(&a, 0.8)]).unwrap();
+    let switched = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+    assert!(!switched.timings.prompt_remembered);
+    // The same set again (what a worker does per job) keeps what was remembered; another weight
+    // does not.
+    pipeline.set_loras(&[(&a, 0.8)]).unwrap();
+    let again = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+    assert!(again.timings.prompt_remembered);
+    assert!(again.latents.equal(&switched.latents));
+    pipeline.set_loras(&[(&a, 0.7)]).unwrap();
+    let other = pipeline.generate(&request, &mut |_, _| {}).unwrap();
+    assert!(!other.timings.prompt_remembered);
+    pipeline.set_loras(&[(&a, 0.8)]).unwrap();
+    let fresh = load(&fixture);
+    fresh.set_prompt_cache(0);
+    let mut fresh = fresh;
+    let a_fresh = lora(&fresh, &fixture, "a_kohya.safetensors");
+    fresh.set_loras(&[(&a_fresh, 0.8)]).unwrap();
+    let expected = fresh.generate(&request, &mut |_, _| {}).unwrap();
+    assert!(switched.latents.equal(&expected.latents));
+    assert!(!switched.latents.equal(&base.latents));
+}
+
 /// With the UNet's convolution weights stored channels-last (`set_channels_last`), a LoRA set
 /// fuses into them exactly as into contiguous ones (the fixture's LoRAs adapt 3×3 and 1×1
 /// convolutions), switching back restores the layout and the values bit for bit, and the image

@@ -40,6 +40,7 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::TensorView;
 use tch::{Device, Kind, Tensor, nn};
@@ -556,10 +557,14 @@ impl LoraModule {
     }
 }
 
+/// The next [`LoraWeights::id`].
+static NEXT_LORA_ID: AtomicU64 = AtomicU64::new(0);
+
 /// A LoRA read from a file and resolved against a model ([`LoraTarget`]): per adapted parameter,
 /// its low-rank factors (on the model's device, in its dtype) and scale.
 #[derive(Debug)]
 pub struct LoraWeights {
+    id: u64,
     path: PathBuf,
     format: LoraFormat,
     modules: Vec<LoraModule>,
@@ -888,10 +893,27 @@ impl LoraWeights {
         }
 
         Ok(LoraWeights {
+            id: NEXT_LORA_ID.fetch_add(1, Ordering::Relaxed),
             path: path.to_owned(),
             format,
             modules: copy_factors(path, resolved, target.device(), target.kind())?,
             fingerprint: target.fingerprint(),
+        })
+    }
+
+    /// A number no other `LoraWeights` of this process has (what a pipeline remembers of the
+    /// LoRAs its text encoders were computed with).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether it adapts either text encoder.
+    pub fn adapts_text_encoders(&self) -> bool {
+        self.modules.iter().any(|m| {
+            matches!(
+                m.component(),
+                Component::TextEncoder | Component::TextEncoder2
+            )
         })
     }
 
