@@ -333,12 +333,10 @@ pub fn load_var_store(
     tch::no_grad(|| {
         let mut upload = Upload::new();
         for (name, var, source, shape) in copies {
-            let values = source.values(&shape).map_err(|source| {
-                torch(CopyFailed {
-                    name: name.to_owned(),
-                    source,
-                })
-            })?;
+            let values = source
+                .values(&shape)
+                .map_err(CopyFailed::naming(name))
+                .map_err(torch)?;
             upload.put(name, var, &values).map_err(torch)?;
         }
         upload.finish().map_err(torch)

@@ -64,6 +64,16 @@ pub(super) struct CopyFailed {
     pub source: TchError,
 }
 
+impl CopyFailed {
+    /// Turns libtorch's errors into failures to copy `name`.
+    pub(super) fn naming(name: &str) -> impl Fn(TchError) -> CopyFailed + '_ {
+        move |source| CopyFailed {
+            name: name.to_owned(),
+            source,
+        }
+    }
+}
+
 /// Copies stored values into variables; [`Upload::finish`] once after the last
 /// [`Upload::put`] — only then are GPU variables guaranteed to hold their values.
 pub(super) struct Upload<'a> {
@@ -100,10 +110,7 @@ impl<'a> Upload<'a> {
         var: &Tensor,
         values: &StoredValues<'a>,
     ) -> Result<(), CopyFailed> {
-        let failed = |source| CopyFailed {
-            name: name.to_owned(),
-            source,
-        };
+        let failed = CopyFailed::naming(name);
         let device = var.device();
         if device == Device::Cpu && !self.stage_on_cpu {
             return put_on_cpu(var, values).map_err(failed);
@@ -212,10 +219,7 @@ impl<'a> Staging<'a> {
         var: &Tensor,
         values: &StoredValues<'a>,
     ) -> Result<(), CopyFailed> {
-        let failed = |source| CopyFailed {
-            name: name.to_owned(),
-            source,
-        };
+        let failed = CopyFailed::naming(name);
         let layout = Layout {
             kind: values.kind,
             shape: values.shape.clone(),
@@ -290,10 +294,7 @@ impl<'a> Staging<'a> {
         self.synchronize();
         let buffer = &self.buffers[self.current];
         for queued in self.queued.drain(..) {
-            issue(buffer, &queued, self.device).map_err(|source| CopyFailed {
-                name: queued.name.clone(),
-                source,
-            })?;
+            issue(buffer, &queued, self.device).map_err(CopyFailed::naming(&queued.name))?;
         }
         self.current = 1 - self.current;
         self.filled = 0;
