@@ -118,13 +118,11 @@ impl<'a> Upload<'a> {
         if self.staging.as_ref().is_some_and(|s| s.device != device) {
             self.finish()?;
         }
-        if self.staging.is_none() {
-            self.staging = Some(Staging::new(device, self.staging_bytes).map_err(failed)?);
-        }
-        match &mut self.staging {
-            Some(staging) => staging.put(name, var, values),
-            None => Ok(()),
-        }
+        let staging = match &mut self.staging {
+            Some(staging) => staging,
+            empty => empty.insert(Staging::new(device, self.staging_bytes).map_err(failed)?),
+        };
+        staging.put(name, var, values)
     }
 
     /// Completes every copy still queued and waits for the device.
