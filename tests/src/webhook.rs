@@ -1,11 +1,13 @@
 //! A scripted webhook receiver: an HTTP server on 127.0.0.1 that answers each request with the
-//! next reply of its script (200 once it runs out) and records what it got.
+//! next reply of its script (200 once it runs out), or not at all while told to hang, and
+//! records what it got.
 
 // Test harness: a failure here is a failed test.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -50,6 +52,7 @@ impl Received {
 struct ReceiverState {
     script: Mutex<VecDeque<Reply>>,
     received: Mutex<Vec<Received>>,
+    hanging: AtomicBool,
 }
 
 /// An HTTP server on 127.0.0.1 answering from a script (200 once it runs out).
@@ -71,6 +74,7 @@ impl Receiver {
             headers: HttpHeaders,
             body: Bytes,
         ) -> axum::response::Response {
+            let hang = state.hanging.load(Ordering::SeqCst);
             let reply = state
                 .script
                 .lock()
@@ -85,6 +89,10 @@ impl Receiver {
                 body,
                 at: Instant::now(),
             });
+            if hang {
+                // Never answer: the sender's request timeout ends it.
+                std::future::pending::<()>().await;
+            }
             let code = StatusCode::from_u16(reply.status).unwrap();
             match reply.retry_after {
                 Some(after) => (code, [("retry-after", after)], "scripted").into_response(),
@@ -108,6 +116,11 @@ impl Receiver {
     /// The URL to register.
     pub fn url(&self) -> String {
         format!("http://{}/hook", self.addr)
+    }
+
+    /// From now on, record requests but never answer them (`true`), or answer again (`false`).
+    pub fn hang(&self, hanging: bool) {
+        self.state.hanging.store(hanging, Ordering::SeqCst);
     }
 
     /// Every request so far.

@@ -581,6 +581,74 @@ async fn after_the_last_attempt_the_delivery_is_dead_lettered_and_the_event_ackn
 }
 
 #[tokio::test]
+async fn a_receiver_that_stops_answering_is_cut_off_and_gets_every_event_once_it_answers_again() {
+    const EVENTS: usize = 12;
+    const FAILURES: u32 = 3;
+    const CONCURRENCY: usize = 2;
+    let stack = Stack::start().await;
+    let dead = Receiver::start(vec![]).await;
+    dead.hang(true);
+    let alive = Receiver::start(vec![]).await;
+    let loopback = "allow_networks = [\"loopback\"]";
+    let mut config = stack.config(&format!(
+        "{}{}",
+        endpoint("dead", &dead.url(), loopback),
+        endpoint("alive", &alive.url(), loopback)
+    ));
+    config.notifier_request_timeout_ms = 500;
+    config.notifier_concurrency = CONCURRENCY;
+    config.notifier_breaker_failures = FAILURES;
+    config.notifier_breaker_cooldown_ms = 3_000;
+    let notifier = stack.spawn(config).await;
+    for i in 0..EVENTS {
+        stack
+            .publish(completed(&upload(&format!("burst-{i}.jpg"))))
+            .await;
+    }
+
+    // Every event reaches the receiver that answers, while the silent one was only tried
+    // until its breaker opened (and by the attempts already under way then): without the
+    // breaker every event's first attempt would have waited out the timeout on it.
+    alive.wait_for_requests(EVENTS).await;
+    let tried = dead.received().len();
+    assert!(
+        tried <= FAILURES as usize + CONCURRENCY,
+        "{tried} requests to a receiver that does not answer"
+    );
+
+    // It answers again: after the cool-down one trial request closes the breaker, and every
+    // waiting delivery goes out once; nothing is dead-lettered.
+    dead.hang(false);
+    let answered = wait_for(
+        || async { dead.received().split_off(tried) },
+        |requests| distinct_webhook_ids(requests) >= EVENTS,
+    )
+    .await;
+    stack.wait_settled().await;
+    assert_eq!(distinct_webhook_ids(&dead.received()[tried..]), EVENTS);
+    assert_eq!(
+        dead.received().len() - tried,
+        answered.len(),
+        "no request after all were delivered"
+    );
+    assert_eq!(
+        alive.received().len(),
+        EVENTS,
+        "each event once to the other"
+    );
+    assert!(stack.dead_letters().await.is_empty());
+    notifier.stop().await;
+}
+
+fn distinct_webhook_ids(requests: &[Received]) -> usize {
+    let ids: std::collections::HashSet<_> = requests
+        .iter()
+        .map(|r| r.header("webhook-id").unwrap().to_owned())
+        .collect();
+    ids.len()
+}
+
+#[tokio::test]
 async fn a_redelivered_event_makes_no_second_webhook_and_no_second_notification() {
     let stack = Stack::start().await;
     let receiver = Receiver::start(vec![]).await;

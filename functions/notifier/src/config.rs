@@ -8,6 +8,7 @@ use std::time::Duration;
 use darkroom_shared::RuntimeConfig;
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::BreakerSettings;
 use crate::endpoint::{EndpointError, Registry};
 use crate::network::AllowedNetwork;
 use crate::retry::Backoff;
@@ -45,6 +46,14 @@ pub struct NotifierConfig {
     /// Events handled at once: pullers on the `notifier` consumer (default 4), so a slow
     /// endpoint holds up one of them for at most the request timeout.
     pub notifier_concurrency: usize,
+    /// Failed attempts in a row after which an endpoint is cut off for a cool-down: its
+    /// deliveries wait without a request (default 5; 0: never cut off).
+    pub notifier_breaker_failures: u32,
+    /// The first cool-down, in milliseconds (default 30 000); it doubles each time the
+    /// trial attempt after it fails.
+    pub notifier_breaker_cooldown_ms: u64,
+    /// The longest cool-down, in milliseconds (default 600 000: 10 min).
+    pub notifier_breaker_cooldown_max_ms: u64,
 }
 
 impl Default for NotifierConfig {
@@ -62,6 +71,9 @@ impl Default for NotifierConfig {
             notifier_request_timeout_ms: millis(limits.request_timeout),
             notifier_max_response_bytes: limits.max_response_bytes,
             notifier_concurrency: 4,
+            notifier_breaker_failures: 5,
+            notifier_breaker_cooldown_ms: 30_000,
+            notifier_breaker_cooldown_max_ms: 600_000,
         }
     }
 }
@@ -99,6 +111,15 @@ impl NotifierConfig {
         }
     }
 
+    /// The endpoint breakers these settings describe.
+    pub fn breaker(&self) -> BreakerSettings {
+        BreakerSettings {
+            failures: self.notifier_breaker_failures,
+            cooldown: Duration::from_millis(self.notifier_breaker_cooldown_ms),
+            cooldown_max: Duration::from_millis(self.notifier_breaker_cooldown_max_ms),
+        }
+    }
+
     /// The longest `Retry-After` honoured.
     pub fn retry_after_max(&self) -> Duration {
         Duration::from_secs(self.notifier_retry_after_max_secs)
@@ -118,6 +139,14 @@ mod tests {
         assert_eq!(config.backoff().max, Duration::from_secs(600));
         assert_eq!(config.retry_after_max(), Duration::from_secs(3600));
         assert_eq!(config.notifier_max_attempts, 8);
+        assert_eq!(
+            config.breaker(),
+            BreakerSettings {
+                failures: 5,
+                cooldown: Duration::from_secs(30),
+                cooldown_max: Duration::from_secs(600),
+            }
+        );
         assert!(config.registry().unwrap().endpoints().is_empty());
     }
 

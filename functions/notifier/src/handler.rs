@@ -31,7 +31,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use darkroom_events::subjects::{
@@ -43,6 +43,7 @@ use darkroom_shared::publish::{DeadLetter, Publisher};
 use darkroom_shared::telemetry::TraceParent;
 use darkroom_shared::{Delivery, ErrorClass, Handler, HandlerError, RuntimeError};
 
+use crate::breaker::{Admission, BreakerSettings, Breakers};
 use crate::config::NotifierConfig;
 use crate::endpoint::{Endpoint, Registry};
 use crate::ledger::{Claim, DeliveryState, Ledger, webhook_id};
@@ -71,11 +72,12 @@ pub enum DeliveryOutcome {
     Gone,
     /// Another worker is sending it until then.
     Busy(DateTime<Utc>),
-    /// Failed; to be retried.
+    /// Failed, or not sent because the endpoint's breaker is open; to be retried.
     Failed {
         /// What went wrong.
         error: String,
-        /// The receiver's `Retry-After`, if any.
+        /// The earliest time to try again, if the receiver asked (`Retry-After`) or the
+        /// endpoint's breaker is open.
         retry_after: Option<Duration>,
     },
     /// Refused by the network policy; no request was made.
@@ -104,6 +106,8 @@ pub struct RetryPolicy {
     pub retry_after_max: Duration,
     /// How long a claimed delivery is kept from other workers.
     pub lease: Duration,
+    /// When an endpoint that keeps failing is cut off ([`crate::breaker`]).
+    pub breaker: BreakerSettings,
 }
 
 impl RetryPolicy {
@@ -114,6 +118,7 @@ impl RetryPolicy {
             max_attempts: config.notifier_max_attempts.max(1),
             retry_after_max: config.retry_after_max(),
             lease: config.limits().request_timeout + Duration::from_secs(5),
+            breaker: config.breaker(),
         }
     }
 }
@@ -127,6 +132,7 @@ pub struct NotifierHandler {
     registry: Arc<Registry>,
     sender: WebhookSender,
     retry: RetryPolicy,
+    breakers: Arc<Breakers>,
     sources: Arc<SourceCache>,
 }
 
@@ -147,6 +153,7 @@ impl NotifierHandler {
             registry: Arc::new(registry),
             sender,
             retry,
+            breakers: Arc::new(Breakers::new(retry.breaker)),
             sources: Arc::new(SourceCache::default()),
         }
     }
@@ -313,7 +320,8 @@ impl NotifierHandler {
         Ok(true)
     }
 
-    /// One attempt at one endpoint, unless it is disabled, settled or claimed elsewhere.
+    /// One attempt at one endpoint, unless it is disabled, settled, claimed elsewhere or cut
+    /// off by its breaker.
     async fn deliver(
         &self,
         endpoint: &Endpoint,
@@ -333,7 +341,31 @@ impl NotifierHandler {
             Claim::Settled(_) => return Ok(DeliveryOutcome::AlreadySettled),
             Claim::Busy(until) => return Ok(DeliveryOutcome::Busy(until)),
         }
+        if let Admission::Open { retry_in, failures } =
+            self.breakers.admit(&endpoint.id, Instant::now())
+        {
+            metrics::counter!(metric::WEBHOOK_ATTEMPTS, "endpoint" => endpoint.id.clone(), "outcome" => "breaker_open")
+                .increment(1);
+            let error = format!(
+                "not sent: the endpoint failed {failures} attempts in a row and is cut off for {}s more",
+                retry_in.as_secs_f64().ceil()
+            );
+            tracing::debug!(endpoint = %endpoint.id, %webhook_id, event = %notice.id, attempt, %error, "webhook deferred");
+            // Writing the record also gives up the claim.
+            let state = DeliveryState::Failed {
+                attempts: attempt,
+                last_error: error.clone(),
+            };
+            self.ledger.record(&webhook_id, &endpoint.id, state).await?;
+            return Ok(DeliveryOutcome::Failed {
+                error,
+                retry_after: Some(retry_in),
+            });
+        }
         let result = self.sender.send(endpoint, &webhook_id, &notice.body).await;
+        let succeeded = matches!(result, Attempt::Delivered { .. } | Attempt::Gone);
+        self.breakers
+            .record(&endpoint.id, succeeded, Instant::now());
         let label = match &result {
             Attempt::Delivered { .. } => "delivered",
             Attempt::Gone => "gone",

@@ -20,11 +20,13 @@
 //! - [`endpoint`]: the registered endpoints (TOML) and their filters;
 //! - [`network`]: the SSRF policy and the checking resolver;
 //! - [`signature`]: Standard Webhooks signing, and the reference verifier;
-//! - [`webhook`]: one HTTP attempt; [`retry`]: backoff and `Retry-After`;
+//! - [`webhook`]: one HTTP attempt; [`retry`]: backoff and `Retry-After`; [`breaker`]: an
+//!   endpoint that keeps failing is cut off for a while;
 //! - [`config`], [`service`]: settings and wiring.
 //!
 //! The crate's `README.md` has the operator's and the receiver's view.
 
+pub mod breaker;
 pub mod config;
 pub mod endpoint;
 pub mod handler;
@@ -44,6 +46,6 @@ pub mod metric {
     /// Counter of events fanned out, label `kind`.
     pub const NOTIFICATIONS: &str = "darkroom_notifications_total";
     /// Counter of webhook attempts, labels `endpoint` and `outcome`
-    /// (`delivered`, `gone`, `failed`, `refused`).
+    /// (`delivered`, `gone`, `failed`, `refused`, and `breaker_open` for an attempt not made).
     pub const WEBHOOK_ATTEMPTS: &str = "darkroom_webhook_attempts_total";
 }
