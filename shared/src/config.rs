@@ -101,6 +101,11 @@ pub struct RuntimeConfig {
     /// another consumer, in seconds (default 30; a GPU worker wants its slowest job's time,
     /// below the orchestrator's termination grace).
     pub shutdown_grace_secs: u64,
+    /// Longest a CPU function (preprocess, notifier) may handle one message, in seconds
+    /// (default 300; 0: no limit): past it the message is given up and retried like a
+    /// transient failure, so a call that never returns cannot hold a message for good. The
+    /// inference worker does not apply it: a render cannot be stopped halfway.
+    pub handling_timeout_secs: u64,
     /// Seconds upload notifications are kept in `DARKROOM_UPLOADS` (default 7 days).
     pub uploads_max_age_secs: u64,
     /// Seconds lifecycle events are kept in `DARKROOM_EVENTS` (default 7 days); also how long
@@ -148,6 +153,7 @@ impl Default for RuntimeConfig {
             ack_wait_secs: 60.0,
             max_deliver: 5,
             shutdown_grace_secs: 30,
+            handling_timeout_secs: 300,
             uploads_max_age_secs: defaults.uploads_max_age.as_secs(),
             events_max_age_secs: defaults.events_max_age.as_secs(),
             notify_max_age_secs: defaults.notify_max_age.as_secs(),
@@ -168,6 +174,8 @@ impl RuntimeConfig {
     ) -> crate::consumer::ConsumerSettings {
         crate::consumer::ConsumerSettings {
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            handling_timeout: (self.handling_timeout_secs > 0)
+                .then(|| Duration::from_secs(self.handling_timeout_secs)),
             ..crate::consumer::ConsumerSettings::new(&self.topology(), stream, consumer)
         }
     }

@@ -9,6 +9,7 @@
 //! | transient error, attempts left | `-NAK` with backoff delay | |
 //! | transient error, last attempt | `+TERM` | dead letter `max_deliveries_exceeded`, `failed` event |
 //! | permanent error | `+TERM` | dead letter with the reason, `failed` event |
+//! | handling timeout ran out | as a transient error | "took longer than …" |
 //! | shutdown grace ran out | `-NAK` | redelivered to another worker |
 //!
 //! A message that runs out of deliveries without ever being settled (its worker crashed each
@@ -49,6 +50,10 @@ pub struct ConsumerSettings {
     pub shutdown_grace: Duration,
     /// Nak delays by attempt (1st failure → first entry, …; the last repeats).
     pub retry_backoff: Vec<Duration>,
+    /// Longest one message may be handled before it is given up and settled as a transient
+    /// error (`None`: no limit). Without it a call that never returns would keep the message
+    /// in-progress-acked for good.
+    pub handling_timeout: Option<Duration>,
 }
 
 impl ConsumerSettings {
@@ -67,6 +72,7 @@ impl ConsumerSettings {
             fetch_expires: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(30),
             retry_backoff: [1, 5, 15, 30, 60].map(Duration::from_secs).to_vec(),
+            handling_timeout: None,
         }
     }
 
@@ -174,7 +180,7 @@ async fn process<H: Handler>(
     async {
         let started = Instant::now();
         let outcome = with_heartbeats(
-            handler.handle(&delivery),
+            within(settings.handling_timeout, handler.handle(&delivery)),
             &message,
             settings.ack_wait / 3,
             shutdown,
@@ -302,6 +308,29 @@ pub async fn give_up(
             .await?;
     }
     Ok(())
+}
+
+/// `work`'s result, or a transient error once `limit` has passed.
+async fn within(
+    limit: Option<Duration>,
+    work: impl Future<Output = Result<(), HandlerError>>,
+) -> Result<(), HandlerError> {
+    let Some(limit) = limit else {
+        return work.await;
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(?limit, "handling took too long; giving the message up");
+            Err(HandlerError::transient(
+                FailureReason::Internal,
+                format!(
+                    "handling took longer than {}s (DARKROOM_HANDLING_TIMEOUT_SECS)",
+                    limit.as_secs_f64()
+                ),
+            ))
+        }
+    }
 }
 
 /// Polls `work` to completion, sending an in-progress ack every `every`. After `shutdown` fires

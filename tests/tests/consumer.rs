@@ -18,7 +18,8 @@ use darkroom_tests::NatsServer;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-/// Acts on the payload: `ok`, `permanent`, `transient`, `slow:<ms>`, `crash`; anything else is
+/// Acts on the payload: `ok`, `permanent`, `transient`, `slow:<ms>`, `crash`, `hang` (never
+/// returns), `hang-once` (never returns on the first delivery, then succeeds); anything else is
 /// parsed as JSON and fails permanently when it is not.
 #[derive(Default)]
 struct Scripted {
@@ -44,6 +45,9 @@ impl Handler for Scripted {
                 "S3 unavailable",
             )),
             "crash" => panic!("simulated worker crash"),
+            "hang" => std::future::pending().await,
+            "hang-once" if delivery.attempt == 1 => std::future::pending().await,
+            "hang-once" => Ok(()),
             slow if slow.starts_with("slow:") => {
                 let ms = slow[5..].parse().unwrap();
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -232,6 +236,43 @@ async fn transient_errors_are_retried_then_dead_lettered_after_max_deliver() {
     assert!(header(&letters[0], headers::DLQ_MESSAGE).contains("S3 unavailable"));
     assert_eq!(handler.calls.load(Ordering::SeqCst), 3);
     assert_eq!(bench.uploads_pending().await, 0);
+    shutdown.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_handler_that_never_returns_is_given_up_after_the_handling_timeout() {
+    // In-progress acks alone would keep these messages for good.
+    let mut bench = Bench::start(Duration::from_secs(1), 3).await;
+    bench.settings.handling_timeout = Some(Duration::from_millis(1500));
+    let handler = Arc::new(Scripted::default());
+    let shutdown = CancellationToken::new();
+    let task = bench.spawn(handler.clone(), shutdown.clone());
+    bench.publish("hang-once").await;
+    bench.publish("hang").await;
+
+    let letters = darkroom_tests::wait_for(
+        Duration::from_secs(30),
+        || bench.dead_letters(Duration::from_millis(200)),
+        |letters| !letters.is_empty(),
+    )
+    .await;
+    // hang-once: given up once, then handled; hang: given up on each of its 3 deliveries.
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 2 + 3);
+    // The message is terminated right after its dead letter is stored.
+    darkroom_tests::wait_for(
+        Duration::from_secs(10),
+        || bench.uploads_pending(),
+        |pending| *pending == 0,
+    )
+    .await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].payload.as_ref(), b"hang");
+    assert_eq!(
+        header(&letters[0], headers::DLQ_REASON),
+        "max_deliveries_exceeded"
+    );
+    assert!(header(&letters[0], headers::DLQ_MESSAGE).contains("took longer than 1.5s"));
     shutdown.cancel();
     task.await.unwrap();
 }

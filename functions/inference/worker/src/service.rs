@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use darkroom_events::subjects;
-use darkroom_shared::consumer;
+use darkroom_shared::consumer::{self, ConsumerSettings};
 use darkroom_shared::health::{self, Readiness};
 use darkroom_shared::jobs::JobStore;
 use darkroom_shared::publish::Publisher;
@@ -63,9 +63,14 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
         shutdown.clone(),
     ));
 
-    let settings = config
-        .runtime
-        .consumer_settings(subjects::JOBS_STREAM, subjects::consumers::INFERENCE);
+    let settings = ConsumerSettings {
+        // A render runs on a blocking thread: giving its message up would not stop it, and the
+        // next job would render beside it.
+        handling_timeout: None,
+        ..config
+            .runtime
+            .consumer_settings(subjects::JOBS_STREAM, subjects::consumers::INFERENCE)
+    };
     let handler = InferenceHandler::new(
         Arc::new(engine),
         s3,
