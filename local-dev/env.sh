@@ -32,6 +32,11 @@ export DARKROOM_WEED_BIN="${DARKROOM_WEED_BIN:-$VIRTUAL_ENV/bin/weed}"
 # Where the stack finds darkroom-dev / darkroom-ingest.
 export DARKROOM_TARGET_DIR="${DARKROOM_TARGET_DIR:-${CARGO_TARGET_DIR:-$REPO/target}}"
 export DARKROOM_BIN_DIR="${DARKROOM_BIN_DIR:-$DARKROOM_TARGET_DIR/debug}"
+# So `darkroom …` (the CLI) and the functions run by name, as the READMEs write them.
+case ":$PATH:" in
+  *":$DARKROOM_BIN_DIR:"*) ;;
+  *) export PATH="$DARKROOM_BIN_DIR:$PATH" ;;
+esac
 
 export DARKROOM_DATA_DIR="${DARKROOM_DATA_DIR:-$REPO/local-dev/.data}"
 export DARKROOM_RUN_DIR="${DARKROOM_RUN_DIR:-$REPO/local-dev/.run}"

@@ -209,7 +209,8 @@ impl Clients {
             .key(key)
             .content_type(content_type)
             .body(ByteStream::from(body));
-        if let Some(subject) = subject {
+        // Cleaned as preprocess would: a header value cannot hold a line break.
+        if let Some(subject) = subject.and_then(darkroom_shared::preset::clean_subject) {
             put = put.metadata("subject", subject);
         }
         let output = put.send().await.map_err(|e| {

@@ -141,7 +141,12 @@ pub async fn run(clients: &mut Clients, args: &UploadArgs) -> Result<()> {
             return finish(clients, job, &location, &args.out).await;
         }
         progress.finish();
-        if record.status == JobStatus::Failed {
+        // A replay only helps when the cause was not the photo itself.
+        if record.status == JobStatus::Failed
+            && !record
+                .failure
+                .is_some_and(darkroom_events::FailureReason::lies_in_the_upload)
+        {
             eprintln!("hint      retry it with: darkroom replay-dlq --job {job}");
         }
         return Err(state.failure().unwrap_or(CliError::NoResult {

@@ -79,6 +79,23 @@ pub enum FailureReason {
     Internal,
 }
 
+impl FailureReason {
+    /// Whether the upload itself is the cause (its bytes, its size, its object or its event):
+    /// the same upload fails the same way however often it is tried again.
+    pub fn lies_in_the_upload(self) -> bool {
+        matches!(
+            self,
+            FailureReason::InvalidEvent
+                | FailureReason::ObjectNotFound
+                | FailureReason::UnsupportedFormat
+                | FailureReason::LimitExceeded
+                | FailureReason::DecodeFailed
+                | FailureReason::NoFaceFound
+                | FailureReason::MultipleFaces
+        )
+    }
+}
+
 /// Lifecycle event kinds, the last token of their subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

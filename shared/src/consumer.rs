@@ -323,7 +323,7 @@ async fn within(
         Err(_) => {
             tracing::warn!(?limit, "handling took too long; giving the message up");
             Err(HandlerError::transient(
-                FailureReason::Internal,
+                FailureReason::Timeout,
                 format!(
                     "handling took longer than {}s (DARKROOM_HANDLING_TIMEOUT_SECS)",
                     limit.as_secs_f64()

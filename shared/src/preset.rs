@@ -21,6 +21,22 @@ pub const SCHEDULERS: [&str; 4] = ["euler", "euler-a", "dpmpp-2m-karras", "ddim"
 /// The placeholder a prompt template may contain, replaced by [`Preset::render_prompt`].
 pub const SUBJECT_PLACEHOLDER: &str = "{subject}";
 
+/// Longest subject kept, in characters; the rest is dropped.
+pub const MAX_SUBJECT_CHARS: usize = 200;
+
+/// A subject as it may fill [`SUBJECT_PLACEHOLDER`] (and travel as the upload's
+/// `x-amz-meta-subject`, an HTTP header): one line (control characters become spaces), trimmed,
+/// at most [`MAX_SUBJECT_CHARS`] characters; `None` when nothing is left.
+pub fn clean_subject(raw: &str) -> Option<String> {
+    let cleaned: String = raw
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_SUBJECT_CHARS)
+        .collect();
+    let cleaned = cleaned.trim();
+    (!cleaned.is_empty()).then(|| cleaned.to_owned())
+}
+
 /// The built-in presets, by name, embedded at build time.
 const BUILTIN: [(&str, &str); 4] = [
     ("desk-setup", include_str!("../presets/desk-setup.toml")),

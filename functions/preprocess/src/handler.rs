@@ -12,7 +12,8 @@
 //! 4. **prepare** ([`crate::prepare`]) on a blocking thread, and encode the PNGs;
 //! 5. **store** `work/<job>/input.png` and `work/<job>/control-<kind>.png`;
 //! 6. **publish** the [`InferenceJob`](darkroom_events::InferenceJob) on
-//!    `darkroom.jobs.inference` with `Nats-Msg-Id` = the job id, then `queued`;
+//!    `darkroom.jobs.inference` with `Nats-Msg-Id` = the job id, after `queued` (so a
+//!    worker's `started` never precedes it);
 //! 7. **record** the job as `queued` in the jobs KV bucket.
 //!
 //! Every step is idempotent, so a delivery that died half-way completes on redelivery: the
@@ -368,6 +369,18 @@ impl PreprocessHandler {
         let event = CloudEvent::new(id.clone(), SOURCE, output.job.clone())
             .with_subject(id.clone())
             .with_traceparent(traceparent.map(|t| t.to_string()));
+        // `queued` first: the job's `started` can follow at once, and must not come before it.
+        self.publisher
+            .lifecycle(
+                JobQueued {
+                    job_id,
+                    source: output.job.source.clone(),
+                    preset: output.job.preset.clone(),
+                },
+                traceparent,
+            )
+            .await
+            .map_err(runtime_error)?;
         let fresh = self
             .publisher
             .publish_deduplicated(
@@ -381,17 +394,6 @@ impl PreprocessHandler {
         if !fresh {
             tracing::info!(job = %job_id, "the jobs stream already had this job");
         }
-        self.publisher
-            .lifecycle(
-                JobQueued {
-                    job_id,
-                    source: output.job.source.clone(),
-                    preset: output.job.preset.clone(),
-                },
-                traceparent,
-            )
-            .await
-            .map_err(runtime_error)?;
         Ok(())
     }
 

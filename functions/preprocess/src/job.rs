@@ -21,7 +21,8 @@ use darkroom_events::{
     ControlImage, ControlNetParams, FailureReason, InferenceJob, JobId, LoraParams, ObjectRef,
     RenderParams, ToneParams,
 };
-use darkroom_shared::preset::{ControlKind, Preset, PresetError, Resolution};
+pub use darkroom_shared::preset::MAX_SUBJECT_CHARS;
+use darkroom_shared::preset::{ControlKind, Preset, PresetError, Resolution, clean_subject};
 
 use crate::config::PreprocessConfig;
 use crate::frame::{FaceOptions, PORTRAIT_BUCKET};
@@ -31,8 +32,6 @@ use crate::{Bucket, PrepareOptions, Prepared, PreprocessError, encode_png};
 pub const PRESET_METADATA: &str = "preset";
 /// Metadata key (`x-amz-meta-subject`) whose value replaces a prompt's `{subject}`.
 pub const SUBJECT_METADATA: &str = "subject";
-/// Longest subject taken from metadata, in characters; the rest is cut.
-pub const MAX_SUBJECT_CHARS: usize = 200;
 
 /// Why a job cannot be made. All permanent.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -80,18 +79,9 @@ pub fn preset_name<'a>(
 /// The subject for a prompt: the metadata value, single-line and at most
 /// [`MAX_SUBJECT_CHARS`] characters, else the configured default.
 pub fn subject(metadata_subject: Option<&str>, default_subject: &str) -> String {
-    let cleaned: String = metadata_subject
-        .unwrap_or_default()
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_SUBJECT_CHARS)
-        .collect();
-    let cleaned = cleaned.trim();
-    if cleaned.is_empty() {
-        default_subject.to_owned()
-    } else {
-        cleaned.to_owned()
-    }
+    metadata_subject
+        .and_then(clean_subject)
+        .unwrap_or_else(|| default_subject.to_owned())
 }
 
 /// The pipeline options a preset asks for, under the configured limits.
