@@ -174,12 +174,7 @@ impl Clients {
             .send()
             .await
             .map_err(|e| {
-                self.s3_error(
-                    "GET",
-                    bucket,
-                    key,
-                    aws_sdk_s3::error::DisplayErrorContext(e),
-                )
+                self.s3_error("GET", bucket, key, darkroom_shared::s3::describe_error(&e))
             })?;
         let body = object
             .body
@@ -214,12 +209,7 @@ impl Clients {
             put = put.metadata("subject", subject);
         }
         let output = put.send().await.map_err(|e| {
-            self.s3_error(
-                "PUT",
-                bucket,
-                key,
-                aws_sdk_s3::error::DisplayErrorContext(e),
-            )
+            self.s3_error("PUT", bucket, key, darkroom_shared::s3::describe_error(&e))
         })?;
         Ok(output.e_tag().map(darkroom_events::s3::normalize_etag))
     }

@@ -76,6 +76,7 @@ pub enum Command {
     /// Show a job's record and its latest lifecycle events.
     Status {
         /// The job id.
+        #[arg(value_parser = parse_job)]
         job: JobId,
         /// Print JSON: {"job", "status", "record", "events": {kind: CloudEvent}}.
         #[arg(long)]
@@ -84,6 +85,7 @@ pub enum Command {
     /// Download a finished job's result.png and job.json as <out>/<job>.png and <out>/<job>.json.
     Get {
         /// The job id.
+        #[arg(value_parser = parse_job)]
         job: JobId,
         /// Folder to write into (created if missing).
         #[arg(long, default_value = ".")]
@@ -93,6 +95,7 @@ pub enum Command {
     /// --expires-in.
     Url {
         /// The job id.
+        #[arg(value_parser = parse_job)]
         job: JobId,
         /// How long the URL works: 90s, 15m, 2h, 7d (at most 7 days).
         #[arg(long, default_value = presign::DEFAULT_EXPIRY, value_parser = presign::parse_expiry)]
@@ -107,16 +110,24 @@ pub enum Command {
     /// Put dead letters back on their original subjects, each once, and delete them from the
     /// dead-letter stream.
     ReplayDlq {
-        /// Only the dead letters of this stage.
+        /// Only the dead letters of this stage: ingest, preprocess, inference or notifier.
         #[arg(long, value_parser = parse_stage)]
         stage: Option<Stage>,
         /// Only the dead letters of this job.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_job)]
         job: Option<JobId>,
         /// Print what would be replayed; change nothing.
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+fn parse_job(text: &str) -> Result<JobId, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not a job id (a UUID like 8f0d0879-5cb0-50ec-9f57-4ca82da9b7e6, as upload and watch print it)"
+        )
+    })
 }
 
 fn parse_stage(text: &str) -> Result<Stage, String> {

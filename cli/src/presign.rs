@@ -124,7 +124,9 @@ fn print(request: &PresignedRequest, bucket: &str, key: &str, expires_in: Durati
             .iter()
             .map(|(name, value)| format!(" -H '{name}: {value}'"))
             .collect();
-        eprintln!("upload    curl -fsS -X PUT -T FILE{header_flags} \"$URL\"");
+        eprintln!(
+            "upload    curl -fsS -X PUT -T FILE{header_flags} \"$URL\"   (URL: the line on stdout)"
+        );
     }
     println!("{}", request.uri());
 }
@@ -164,7 +166,7 @@ pub async fn run_url(
                 "presign GET",
                 &location.bucket,
                 key,
-                aws_sdk_s3::error::DisplayErrorContext(e),
+                darkroom_shared::s3::describe_error(&e),
             )
         })?;
     print(&request, &location.bucket, key, expires_in);
@@ -197,7 +199,7 @@ pub async fn run_upload_url(clients: &mut Clients, args: &UploadUrlArgs) -> Resu
                 "presign PUT",
                 &bucket,
                 &key,
-                aws_sdk_s3::error::DisplayErrorContext(e),
+                darkroom_shared::s3::describe_error(&e),
             )
         })?;
     print(&request, &bucket, &key, args.expires_in);

@@ -50,10 +50,10 @@ pub struct UploadArgs {
     #[arg(long)]
     pub wait: bool,
     /// With --wait: folder the result goes to, as <job>.png and <job>.json.
-    #[arg(long, default_value = ".")]
+    #[arg(long, default_value = ".", requires = "wait")]
     pub out: PathBuf,
     /// With --wait: seconds to wait for the job to finish.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, requires = "wait")]
     pub timeout: u64,
 }
 

@@ -157,7 +157,7 @@ pub async fn head(s3: &aws_sdk_s3::Client, object: &ObjectRef) -> Result<ObjectI
         Err(e) => Err(FetchError::Storage {
             operation: "HEAD",
             object: object.to_string(),
-            message: DisplayErrorContext(e).to_string(),
+            message: crate::s3::describe_error(&e),
         }),
     }
 }
@@ -206,7 +206,7 @@ pub async fn get_capped(
                 found: "another (it changed after the HEAD)".to_owned(),
             });
         }
-        Err(e) => return Err(storage(DisplayErrorContext(e).to_string())),
+        Err(e) => return Err(storage(crate::s3::describe_error(&e))),
     };
     let declared = response
         .content_length()

@@ -1,7 +1,9 @@
 //! The S3 client: AWS, or any S3-compatible server at a custom endpoint.
 
 use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::{Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 
 use crate::RuntimeConfig;
 
@@ -46,9 +48,38 @@ pub async fn ensure_bucket(client: &aws_sdk_s3::Client, bucket: &str) -> crate::
             } else {
                 Err(crate::RuntimeError::Storage(format!(
                     "create bucket {bucket}: {}",
-                    aws_sdk_s3::error::DisplayErrorContext(error)
+                    describe_error(&error)
                 )))
             }
         }
     }
+}
+
+/// An S3 error in one line: the service's code, HTTP status and message, or the causes that
+/// kept the request from an answer (a refused connection, a timeout). The SDK's own
+/// `DisplayErrorContext` also prints the raw response, kilobytes of it.
+pub fn describe_error<E>(error: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if let SdkError::ServiceError(service) = error {
+        let status = service.raw().status().as_u16();
+        let err = service.err();
+        return match (err.code(), err.message()) {
+            (Some(code), Some(message)) => format!("{code} (HTTP {status}): {message}"),
+            (Some(code), None) => format!("{code} (HTTP {status})"),
+            _ => format!("HTTP {status}: {err}"),
+        };
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
