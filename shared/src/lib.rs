@@ -37,6 +37,22 @@ pub mod workers;
 pub use config::RuntimeConfig;
 pub use handler::{Delivery, ErrorClass, Handler, HandlerError, JobContext};
 
+/// An error and its causes in one line, `a: b: c`, leaving out a cause whose text the line
+/// already holds (many errors repeat their source's message).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Errors of the runtime itself (as opposed to a handler's errors, see [`HandlerError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -107,3 +123,29 @@ impl RuntimeError {
 
 /// Result alias for this crate.
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("request failed")]
+    struct Adds(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("request failed: connection refused")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[test]
+    fn a_chain_names_each_cause_once() {
+        let refused = || std::io::Error::other("connection refused");
+        assert_eq!(
+            error_chain(&Adds(refused())),
+            "request failed: connection refused"
+        );
+        assert_eq!(
+            error_chain(&Repeats(refused())),
+            "request failed: connection refused"
+        );
+    }
+}

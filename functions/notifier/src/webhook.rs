@@ -134,7 +134,7 @@ impl WebhookSender {
                 }
                 return Attempt::Failed {
                     status: None,
-                    error: error_chain(&error),
+                    error: darkroom_shared::error_chain(&error),
                     retry_after: None,
                 };
             }
@@ -181,18 +181,4 @@ async fn read_capped(response: &mut reqwest::Response, cap: usize) -> String {
         .collect::<String>()
         .trim()
         .to_owned()
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
