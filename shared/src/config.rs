@@ -77,6 +77,14 @@ pub struct RuntimeConfig {
     pub s3_access_key_id: Option<String>,
     /// Static S3 secret key, with [`Self::s3_access_key_id`].
     pub s3_secret_access_key: Option<String>,
+    /// Seconds to wait for a TCP (and TLS) connection to S3 (default 5).
+    pub s3_connect_timeout_secs: f64,
+    /// Seconds to wait for the first byte of an S3 response (default 30): a server that
+    /// accepts and never answers costs this, not a job held for ever.
+    pub s3_read_timeout_secs: f64,
+    /// Seconds one S3 call may take in all, retries included (default 120: room for a
+    /// 64 MiB body on a slow link).
+    pub s3_operation_timeout_secs: f64,
     /// The bucket Darkroom watches and writes to (default `darkroom`).
     pub bucket: String,
     /// Log format: `text` (default) or `json`.
@@ -97,6 +105,10 @@ pub struct RuntimeConfig {
     pub ack_wait_secs: f64,
     /// Deliveries before a message is dead-lettered (default 5).
     pub max_deliver: i64,
+    /// GPU slots of the whole inference fleet: how many jobs may render at once across every
+    /// worker (`DARKROOM_INFERENCE_SLOTS`, default 8). Set it to the most workers you run (the
+    /// autoscaler's `maxReplicaCount`); `infra/k8s/check` holds the two equal.
+    pub inference_slots: i64,
     /// On SIGTERM, how long the message in hand may still take before it is handed back for
     /// another consumer, in seconds (default 30; a GPU worker wants its slowest job's time,
     /// below the orchestrator's termination grace).
@@ -144,6 +156,9 @@ impl Default for RuntimeConfig {
             s3_force_path_style: None,
             s3_access_key_id: None,
             s3_secret_access_key: None,
+            s3_connect_timeout_secs: 5.0,
+            s3_read_timeout_secs: 30.0,
+            s3_operation_timeout_secs: 120.0,
             bucket: "darkroom".to_owned(),
             log_format: LogFormat::Text,
             log_filter: "info,async_nats=warn".to_owned(),
@@ -152,6 +167,7 @@ impl Default for RuntimeConfig {
             jetstream_replicas: 1,
             ack_wait_secs: 60.0,
             max_deliver: 5,
+            inference_slots: defaults.inference_slots,
             shutdown_grace_secs: 30,
             handling_timeout_secs: 300,
             uploads_max_age_secs: defaults.uploads_max_age.as_secs(),
@@ -196,6 +212,7 @@ impl RuntimeConfig {
                 .unwrap_or(Duration::from_secs(60))
                 .max(Duration::from_millis(100)),
             max_deliver: self.max_deliver.max(1),
+            inference_slots: self.inference_slots.max(1),
             ..Topology::default()
         }
     }
@@ -229,6 +246,79 @@ pub fn load<T: Serialize + DeserializeOwned + Default>() -> Result<T> {
     figment::<T>()
         .extract()
         .map_err(|e| RuntimeError::Config(Box::new(e)))
+}
+
+/// [`load`] for a program's `main`: on a bad setting, prints one line naming the variable,
+/// the value and the form expected (`program: DARKROOM_X=value: expected …`) and exits with
+/// status 2, with no backtrace and no library error dump.
+pub fn load_or_exit<T: Serialize + DeserializeOwned + Default>(program: &str) -> T {
+    match figment::<T>().extract() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{program}: {}", describe(&error));
+            std::process::exit(2)
+        }
+    }
+}
+
+/// A settings error in one line per bad setting (joined by `; `): where it came from (the
+/// `DARKROOM_*` variable or the file's key), the value given and the form expected.
+pub fn describe(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|one| describe_one(&one))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn describe_one(error: &figment::Error) -> String {
+    use figment::error::Kind;
+    let key = error.path.join(".");
+    let from_env = error
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment variable"));
+    let place = if from_env {
+        // Every setting is a top-level field (functions flatten RuntimeConfig); deeper path
+        // parts are items inside the variable's value.
+        let field = error.path.first().map(String::as_str).unwrap_or_default();
+        let variable = format!("{ENV_PREFIX}{}", field.to_ascii_uppercase());
+        match std::env::var(&variable) {
+            Ok(value) => format!("{variable}={value}"),
+            Err(_) => variable,
+        }
+    } else if let Some(metadata) = &error.metadata {
+        format!("{key} (in {})", metadata.name)
+    } else if key.is_empty() {
+        "settings".to_owned()
+    } else {
+        key
+    };
+    let problem = match &error.kind {
+        Kind::InvalidType(actual, expected) => {
+            format!("{} ({actual} given)", expected_form(expected))
+        }
+        Kind::InvalidValue(actual, expected) => {
+            format!("{} ({actual} given)", expected_form(expected))
+        }
+        Kind::UnknownVariant(given, variants) => {
+            format!("expected one of {} (`{given}` given)", variants.join(", "))
+        }
+        Kind::InvalidLength(given, expected) => format!("expected {expected} ({given} given)"),
+        Kind::Message(message) => message.clone(),
+        other => other.to_string(),
+    };
+    format!("{place}: {problem}")
+}
+
+/// serde's "expected …" with the form a variable takes for lists, which serde calls sequences.
+fn expected_form(expected: &str) -> String {
+    if expected.contains("sequence") {
+        format!("expected {expected}: a list in brackets, e.g. [a, b]")
+    } else {
+        format!("expected {expected}")
+    }
 }
 
 /// The layered sources behind [`load`], for callers that add their own.
@@ -274,6 +364,34 @@ mod tests {
             jail.set_env("DARKROOM_LOG_FORMAT", "xml");
             let error = load::<RuntimeConfig>().unwrap_err().to_string();
             assert!(error.contains("LOG_FORMAT"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_setting_is_one_line_naming_the_variable_the_value_and_the_form() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            let line = || {
+                let error = figment::<RuntimeConfig>()
+                    .extract::<RuntimeConfig>()
+                    .unwrap_err();
+                describe(&error)
+            };
+            jail.set_env("DARKROOM_MAX_DELIVER", "five");
+            let text = line();
+            assert!(!text.contains('\n'), "{text}");
+            assert!(
+                text.starts_with("DARKROOM_MAX_DELIVER=five: expected i64"),
+                "{text}"
+            );
+            jail.set_env("DARKROOM_MAX_DELIVER", "5");
+            jail.set_env("DARKROOM_LOG_FORMAT", "xml");
+            let text = line();
+            assert!(
+                text.starts_with("DARKROOM_LOG_FORMAT=xml: expected one of text, json"),
+                "{text}"
+            );
             Ok(())
         });
     }

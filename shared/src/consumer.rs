@@ -12,8 +12,15 @@
 //! | handling timeout ran out | as a transient error | "took longer than …" |
 //! | shutdown grace ran out | `-NAK` | redelivered to another worker |
 //!
-//! A message that runs out of deliveries without ever being settled (its worker crashed each
-//! time) is caught from the server's max-deliveries advisory and dead-lettered the same way.
+//! | handler stalled (watchdog) | `-NAK` | the loop stops; the process exits |
+//!
+//! A message that is never settled (its worker crashed or hung on each attempt) must still end
+//! as a dead letter, even when no consumer is connected at the moment it runs out of attempts.
+//! So the server delivers each message once more than it may be handled
+//! ([`Topology::server_max_deliver`]): whoever pulls that extra delivery — the next worker to
+//! connect, however much later — dead-letters it without handling it. The server's
+//! max-deliveries advisory remains a second net for the rare case where that delivery is not
+//! settled either.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,7 +49,8 @@ pub struct ConsumerSettings {
     pub consumer: String,
     /// The consumer's AckWait; in-progress acks go out every third of it.
     pub ack_wait: Duration,
-    /// The consumer's MaxDeliver.
+    /// Handling attempts of each message ([`Topology::attempts`]); the server delivers once
+    /// more ([`Topology::server_max_deliver`]) so that an unsettled message is dead-lettered.
     pub max_deliver: u32,
     /// How long one pull request waits for a message.
     pub fetch_expires: Duration,
@@ -59,11 +67,7 @@ pub struct ConsumerSettings {
 impl ConsumerSettings {
     /// Settings matching the consumer `consumer` on `stream` as `topology` declares it.
     pub fn new(topology: &Topology, stream: &str, consumer: &str) -> Self {
-        let max_deliver = topology
-            .consumers()
-            .into_iter()
-            .find(|(on, config)| *on == stream && config.durable_name.as_deref() == Some(consumer))
-            .map_or(topology.max_deliver, |(_, config)| config.max_deliver);
+        let max_deliver = topology.attempts(consumer);
         ConsumerSettings {
             stream: stream.to_owned(),
             consumer: consumer.to_owned(),
@@ -111,6 +115,11 @@ pub async fn run<H: Handler>(
     tracing::info!(stream = %settings.stream, consumer = %settings.consumer, stage = %H::STAGE, "consuming");
 
     while !shutdown.is_cancelled() {
+        if let Some(why) = handler.stalled() {
+            advisories.abort();
+            tracing::error!(stage = %H::STAGE, %why, "stalled; consumer stopped");
+            return Err(RuntimeError::Stalled(why));
+        }
         let pulled = tokio::select! {
             _ = shutdown.cancelled() => break,
             pulled = consumer.batch().max_messages(1).expires(settings.fetch_expires).messages() => pulled,
@@ -178,6 +187,14 @@ async fn process<H: Handler>(
     let trace_id = traceparent.map(|t| t.trace_id_hex()).unwrap_or_default();
     let span = tracing::info_span!("message", stage = %H::STAGE, subject = %delivery.subject, sequence, attempt, trace_id);
     async {
+        if attempt > settings.max_deliver {
+            let label =
+                dead_letter_unsettled(handler, publisher, settings, &message, &delivery, sequence)
+                    .await;
+            metrics::counter!(metric::MESSAGES, "stage" => H::STAGE.as_str(), "outcome" => label)
+                .increment(1);
+            return;
+        }
         let started = Instant::now();
         let outcome = with_heartbeats(
             within(settings.handling_timeout, handler.handle(&delivery)),
@@ -185,27 +202,33 @@ async fn process<H: Handler>(
             settings.ack_wait / 3,
             shutdown,
             settings.shutdown_grace,
+            || handler.stalled().is_some(),
         )
         .await;
         metrics::histogram!(metric::HANDLER_SECONDS, "stage" => H::STAGE.as_str())
             .record(started.elapsed().as_secs_f64());
         let label = match outcome {
-            Some(Ok(())) => {
+            Heartbeats::Finished(Ok(())) => {
                 if let Err(error) = message.double_ack().await {
                     tracing::warn!(%error, "ack not confirmed; the message may be redelivered");
                 }
                 "ok"
             }
-            Some(Err(error)) => {
+            Heartbeats::Finished(Err(error)) => {
                 settle_failure(
                     handler, publisher, settings, &message, &delivery, sequence, error,
                 )
                 .await
             }
-            None => {
+            Heartbeats::GraceOver => {
                 tracing::warn!("shutdown grace ran out; handing the message back");
                 let _ = message.ack_with(AckKind::Nak(None)).await;
                 "shutdown"
+            }
+            Heartbeats::Stalled => {
+                tracing::error!("stalled; handing the message back for another consumer");
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                "stalled"
             }
         };
         metrics::counter!(metric::MESSAGES, "stage" => H::STAGE.as_str(), "outcome" => label)
@@ -260,6 +283,57 @@ async fn settle_failure<H: Handler>(
             tracing::error!(error = %publish_error, "cannot dead-letter; will retry");
             let _ = message
                 .ack_with(AckKind::Nak(Some(settings.backoff(delivery.attempt))))
+                .await;
+            "retried"
+        }
+    }
+}
+
+/// The extra delivery of a message whose every attempt went unsettled (the worker crashed or
+/// hung each time): dead-lettered and terminated without being handled.
+async fn dead_letter_unsettled<H: Handler>(
+    handler: &H,
+    publisher: &Publisher,
+    settings: &ConsumerSettings,
+    message: &jetstream::Message,
+    delivery: &Delivery,
+    sequence: u64,
+) -> &'static str {
+    let attempts = settings.max_deliver;
+    let text = format!(
+        "delivered {attempts} times without being settled (the worker crashed or hung each time)"
+    );
+    tracing::warn!(%text, "dead-lettering without handling");
+    let attempted = Delivery {
+        attempt: attempts,
+        ..delivery.clone()
+    };
+    let origin = Some((settings.stream.clone(), sequence));
+    let job = handler.job_of(delivery);
+    let reason = FailureReason::MaxDeliveriesExceeded;
+    match give_up(
+        publisher,
+        H::STAGE,
+        &attempted,
+        origin,
+        reason,
+        &text,
+        job.clone(),
+    )
+    .await
+    {
+        Ok(()) => {
+            let _ = message.ack_with(AckKind::Term).await;
+            let mut error = HandlerError::transient(reason, text);
+            error.job = job;
+            handler.abandoned(&attempted, &error).await;
+            "dead_lettered"
+        }
+        Err(error) => {
+            // Handed back: the server's advisory, or this loop's next pull, tries again.
+            tracing::error!(%error, "cannot dead-letter; handing the message back");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(settings.backoff(attempts))))
                 .await;
             "retried"
         }
@@ -333,15 +407,26 @@ async fn within(
     }
 }
 
-/// Polls `work` to completion, sending an in-progress ack every `every`. After `shutdown` fires
-/// the work gets `grace` more time; `None` when that runs out.
+/// How [`with_heartbeats`] ended.
+enum Heartbeats<T> {
+    /// The work finished with this.
+    Finished(T),
+    /// Shutdown fired and the grace after it ran out first.
+    GraceOver,
+    /// The handler reported itself stalled: no in-progress ack was sent after that.
+    Stalled,
+}
+
+/// Polls `work` to completion, sending an in-progress ack every `every` while `stalled` says
+/// no. After `shutdown` fires the work gets `grace` more time.
 async fn with_heartbeats<F: Future>(
     work: F,
     message: &jetstream::Message,
     every: Duration,
     shutdown: &CancellationToken,
     grace: Duration,
-) -> Option<F::Output> {
+    stalled: impl Fn() -> bool,
+) -> Heartbeats<F::Output> {
     let every = every.max(Duration::from_millis(100));
     tokio::pin!(work);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -351,8 +436,11 @@ async fn with_heartbeats<F: Future>(
     loop {
         tokio::select! {
             biased;
-            output = &mut work => return Some(output),
+            output = &mut work => return Heartbeats::Finished(output),
             _ = ticker.tick() => {
+                if stalled() {
+                    return Heartbeats::Stalled;
+                }
                 if let Err(error) = message.ack_with(AckKind::Progress).await {
                     tracing::warn!(%error, "in-progress ack failed");
                 }
@@ -361,7 +449,7 @@ async fn with_heartbeats<F: Future>(
                 draining = true;
                 deadline.as_mut().reset(tokio::time::Instant::now() + grace);
             }
-            _ = &mut deadline, if draining => return None,
+            _ = &mut deadline, if draining => return Heartbeats::GraceOver,
         }
     }
 }

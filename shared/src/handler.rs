@@ -115,4 +115,23 @@ pub trait Handler: Send + Sync + 'static {
         let _ = delivery;
         None
     }
+
+    /// Called after the loop dead-letters a message that was never settled (its handler
+    /// crashed or hung on every attempt) and published its `failed` event: a handler that
+    /// keeps job records marks the job failed here, so no record stays `running` for good.
+    fn abandoned(
+        &self,
+        delivery: &Delivery,
+        error: &HandlerError,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = (delivery, error);
+        async {}
+    }
+
+    /// Why this handler has stopped making progress, once it has (the inference worker's
+    /// watchdog); `None` while it is healthy. The JetStream loop then stops renewing the
+    /// message in hand, hands it back for another consumer and stops pulling.
+    fn stalled(&self) -> Option<String> {
+        None
+    }
 }

@@ -57,7 +57,7 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// Configuration could not be read or is invalid.
-    #[error("configuration: {0}")]
+    #[error("configuration: {}", config::describe(.0))]
     Config(#[from] Box<figment::Error>),
     /// Connecting to NATS failed.
     #[error("cannot connect to NATS at {url}: {message}")]
@@ -109,6 +109,10 @@ pub enum RuntimeError {
     /// Metrics or telemetry could not be set up.
     #[error("telemetry: {0}")]
     Telemetry(String),
+    /// The handler stopped making progress (the inference worker's watchdog): the message in
+    /// hand was handed back and the loop stopped, so a supervisor restarts the process.
+    #[error("stalled: {0}")]
+    Stalled(String),
 }
 
 impl RuntimeError {

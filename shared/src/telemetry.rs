@@ -13,12 +13,15 @@ use crate::{Result, RuntimeError};
 /// Metric names, shared by every function.
 pub mod metric {
     /// Counter of handled messages, labels `stage` and `outcome`
-    /// (`ok`, `permanent`, `retried`, `dead_lettered`, `shutdown`).
+    /// (`ok`, `permanent`, `retried`, `dead_lettered`, `shutdown`, `stalled`).
     pub const MESSAGES: &str = "darkroom_messages_total";
     /// Histogram of handler time in seconds, label `stage`.
     pub const HANDLER_SECONDS: &str = "darkroom_handler_seconds";
     /// Counter of dead letters published, labels `stage` and `reason`.
     pub const DEAD_LETTERS: &str = "darkroom_dead_letters_total";
+    /// Counter of watchdog stalls (the inference worker's engine made no progress for
+    /// `DARKROOM_WATCHDOG_SECS`; the process exits right after).
+    pub const WATCHDOG_STALLS: &str = "darkroom_watchdog_stalls_total";
 }
 
 /// Installs the global `tracing` subscriber: text or JSON lines on stderr, filtered by

@@ -38,8 +38,12 @@ pub struct Topology {
     /// Deliveries of a lifecycle event to the notifier (default 8): each is one attempt at the
     /// webhooks not yet served, so this caps webhook attempts too.
     pub notifier_max_deliver: i64,
-    /// Messages the inference consumer hands out at once: one per GPU slot (default 1).
-    pub inference_max_ack_pending: i64,
+    /// GPU slots of the whole fleet: how many jobs may render at once across every worker
+    /// (default 8, the Kubernetes autoscaler's `maxReplicaCount`). Each worker pulls one job
+    /// at a time, so the fleet's own size bounds what is in hand; the inference consumer's
+    /// `max_ack_pending` is this plus [`INFERENCE_RETRY_HEADROOM`] (see
+    /// [`Self::inference_max_ack_pending`]).
+    pub inference_slots: i64,
     /// Messages preprocess and notifier may have in flight (default 64).
     pub cpu_max_ack_pending: i64,
 }
@@ -58,13 +62,27 @@ impl Default for Topology {
             ack_wait: Duration::from_secs(60),
             max_deliver: 5,
             notifier_max_deliver: 8,
-            inference_max_ack_pending: 1,
+            inference_slots: 8,
             cpu_max_ack_pending: 64,
         }
     }
 }
 
+/// Jobs that may wait out a retry delay (a `NAK` with a delay, e.g. after an out-of-memory
+/// render) on top of the fleet's slots. JetStream counts such a job against the consumer's
+/// `max_ack_pending` until it is redelivered; without this headroom a few waiting jobs would
+/// take every slot and idle the whole fleet.
+pub const INFERENCE_RETRY_HEADROOM: i64 = 64;
+
 impl Topology {
+    /// The inference consumer's `max_ack_pending`: one per GPU slot of the fleet, plus
+    /// [`INFERENCE_RETRY_HEADROOM`] for jobs waiting out a retry delay. Workers pull one job at
+    /// a time (batch 1, the next pull only after the job is settled), so no worker ever holds
+    /// more than its slot: the limit only has to be high enough never to idle a worker.
+    pub fn inference_max_ack_pending(&self) -> i64 {
+        self.inference_slots.max(1) + INFERENCE_RETRY_HEADROOM
+    }
+
     /// The uploads stream: S3 notifications, limits retention.
     pub fn uploads_stream(&self) -> stream::Config {
         self.stream(
@@ -180,27 +198,15 @@ impl Topology {
         vec![
             (
                 subjects::UPLOADS_STREAM,
-                self.consumer(
-                    consumers::PREPROCESS,
-                    self.cpu_max_ack_pending,
-                    self.max_deliver,
-                ),
+                self.consumer(consumers::PREPROCESS, self.cpu_max_ack_pending),
             ),
             (
                 subjects::JOBS_STREAM,
-                self.consumer(
-                    consumers::INFERENCE,
-                    self.inference_max_ack_pending,
-                    self.max_deliver,
-                ),
+                self.consumer(consumers::INFERENCE, self.inference_max_ack_pending()),
             ),
             (
                 subjects::EVENTS_STREAM,
-                self.consumer(
-                    consumers::NOTIFIER,
-                    self.cpu_max_ack_pending,
-                    self.notifier_max_deliver,
-                ),
+                self.consumer(consumers::NOTIFIER, self.cpu_max_ack_pending),
             ),
         ]
     }
@@ -358,17 +364,29 @@ impl Topology {
         }
     }
 
-    fn consumer(
-        &self,
-        name: &str,
-        max_ack_pending: i64,
-        max_deliver: i64,
-    ) -> consumer::pull::Config {
+    /// Handling attempts of each message on durable `consumer`: the notifier's own
+    /// [`Self::notifier_max_deliver`], everyone else's [`Self::max_deliver`].
+    pub fn attempts(&self, consumer: &str) -> i64 {
+        if consumer == consumers::NOTIFIER {
+            self.notifier_max_deliver.max(1)
+        } else {
+            self.max_deliver.max(1)
+        }
+    }
+
+    /// The server's MaxDeliver for a consumer allowing `attempts` handling attempts: one more,
+    /// the settling delivery on which the loop dead-letters a message that was never settled
+    /// (see `consumer.rs`), whether or not a consumer was connected when its last attempt died.
+    pub fn server_max_deliver(attempts: i64) -> i64 {
+        attempts.max(1) + 1
+    }
+
+    fn consumer(&self, name: &str, max_ack_pending: i64) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(name.to_owned()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
-            max_deliver,
+            max_deliver: Self::server_max_deliver(self.attempts(name)),
             max_ack_pending,
             // Batch 1 from the client side too: no message waits in a buffer while its AckWait runs.
             max_batch: 1,

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -19,11 +19,14 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 /// Acts on the payload: `ok`, `permanent`, `transient`, `slow:<ms>`, `crash`, `hang` (never
-/// returns), `hang-once` (never returns on the first delivery, then succeeds); anything else is
-/// parsed as JSON and fails permanently when it is not.
+/// returns), `hang-once` (never returns on the first delivery, then succeeds), `stall-once`
+/// (on the first delivery reports itself stalled, as the worker's watchdog does, and never
+/// returns; then succeeds); anything else is parsed as JSON and fails permanently when it is
+/// not.
 #[derive(Default)]
 struct Scripted {
     calls: AtomicU32,
+    stalled: AtomicBool,
 }
 
 impl Handler for Scripted {
@@ -48,6 +51,11 @@ impl Handler for Scripted {
             "hang" => std::future::pending().await,
             "hang-once" if delivery.attempt == 1 => std::future::pending().await,
             "hang-once" => Ok(()),
+            "stall-once" if delivery.attempt == 1 => {
+                self.stalled.store(true, Ordering::SeqCst);
+                std::future::pending().await
+            }
+            "stall-once" => Ok(()),
             slow if slow.starts_with("slow:") => {
                 let ms = slow[5..].parse().unwrap();
                 tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -64,6 +72,12 @@ impl Handler for Scripted {
             job_id: job_for(&delivery.payload),
             source: None,
         })
+    }
+
+    fn stalled(&self) -> Option<String> {
+        self.stalled
+            .load(Ordering::SeqCst)
+            .then(|| "no progress (test)".to_owned())
     }
 }
 
@@ -314,16 +328,18 @@ async fn a_worker_that_dies_mid_job_has_its_message_redelivered() {
 }
 
 #[tokio::test]
-async fn messages_abandoned_by_crashing_workers_are_dead_lettered_from_the_advisory() {
+async fn messages_abandoned_by_crashing_workers_are_dead_lettered_by_the_next_worker() {
     let bench = Bench::start(Duration::from_secs(1), 2).await;
     bench.publish("crash").await;
-    // Two workers die on the message in turn (the server's max deliveries is 2).
+    // Two workers die on the message in turn (2 attempts allowed), with nobody else connected.
     for _ in 0..2 {
         let handler = Arc::new(Scripted::default());
         let dead = bench.spawn(handler.clone(), CancellationToken::new());
         assert!(dead.await.is_err());
     }
-    // A healthy worker is running when the server gives up and advises it.
+    // No consumer is connected when the last attempt's AckWait runs out: a server advisory
+    // sent then would reach nobody. The next worker to connect must still dead-letter it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let shutdown = CancellationToken::new();
     let healthy = bench.spawn(Arc::new(Scripted::default()), shutdown.clone());
     let mut letters = Vec::new();
@@ -353,6 +369,47 @@ async fn messages_abandoned_by_crashing_workers_are_dead_lettered_from_the_advis
     assert_eq!(failed.len(), 1);
     shutdown.cancel();
     healthy.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stalled_handler_hands_its_message_back_and_stops_its_loop() {
+    // A long AckWait: the message can only move on this fast if it is handed back.
+    let bench = Bench::start(Duration::from_secs(30), 3).await;
+    let stalling = Arc::new(Scripted::default());
+    let publisher = Publisher::new(bench.js.clone(), "/darkroom/test");
+    let mut settings = bench.settings.clone();
+    settings.ack_wait = Duration::from_secs(30);
+    let first = tokio::spawn(run(
+        stalling.clone(),
+        publisher,
+        settings,
+        CancellationToken::new(),
+    ));
+    bench.publish("stall-once").await;
+    // It stops renewing the message and returns (its process would exit) within a heartbeat.
+    let ended = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("a stalled loop must stop")
+        .unwrap();
+    assert!(
+        matches!(ended, Err(darkroom_shared::RuntimeError::Stalled(_))),
+        "{ended:?}"
+    );
+    // The message was handed back at once, not after AckWait: a healthy consumer takes it.
+    let shutdown = CancellationToken::new();
+    let healthy = Arc::new(Scripted::default());
+    let task = bench.spawn(healthy.clone(), shutdown.clone());
+    for _ in 0..40 {
+        if bench.uploads_pending().await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(bench.uploads_pending().await, 0);
+    assert_eq!(healthy.calls.load(Ordering::SeqCst), 1);
+    assert!(bench.dead_letters(Duration::ZERO).await.is_empty());
+    shutdown.cancel();
+    task.await.unwrap();
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config: IngestConfig = darkroom_shared::config::load()?;
+    let config: IngestConfig = darkroom_shared::config::load_or_exit("darkroom-ingest");
     darkroom_shared::telemetry::init_logging(&config.runtime);
     darkroom_shared::telemetry::init_metrics(&config.runtime)?;
     match args.command.unwrap_or(Command::Serve) {

@@ -174,4 +174,32 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn a_cidr_where_class_names_go_is_one_line_naming_the_variable_and_the_form() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("DARKROOM_NOTIFIER_ALLOW_NETWORKS", "127.0.0.1/32");
+            let error = darkroom_shared::config::figment::<NotifierConfig>()
+                .extract::<NotifierConfig>()
+                .unwrap_err();
+            let line = darkroom_shared::config::describe(&error);
+            assert!(!line.contains('\n'), "{line}");
+            assert!(
+                line.starts_with("DARKROOM_NOTIFIER_ALLOW_NETWORKS=127.0.0.1/32: expected a"),
+                "{line}"
+            );
+            assert!(line.contains("[a, b]"), "{line}");
+
+            // In brackets, a CIDR is still no class name: the classes are listed.
+            jail.set_env("DARKROOM_NOTIFIER_ALLOW_NETWORKS", "[127.0.0.1/32]");
+            let error = darkroom_shared::config::figment::<NotifierConfig>()
+                .extract::<NotifierConfig>()
+                .unwrap_err();
+            let line = darkroom_shared::config::describe(&error);
+            assert!(line.contains("expected one of"), "{line}");
+            assert!(line.contains("loopback"), "{line}");
+            Ok(())
+        });
+    }
 }

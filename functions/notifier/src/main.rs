@@ -27,7 +27,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config: NotifierConfig = darkroom_shared::config::load()?;
+    let config: NotifierConfig = darkroom_shared::config::load_or_exit("darkroom-notifier");
     darkroom_shared::telemetry::init_logging(&config.runtime);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

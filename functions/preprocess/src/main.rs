@@ -48,7 +48,7 @@ enum Command {
 
 fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    let config: PreprocessConfig = darkroom_shared::config::load()?;
+    let config: PreprocessConfig = darkroom_shared::config::load_or_exit("darkroom-preprocess");
     darkroom_shared::telemetry::init_logging(&config.runtime);
     match args.command.unwrap_or(Command::Serve) {
         Command::Local {

@@ -27,7 +27,7 @@ enum Command {
 /// Bad settings, or what [`service::serve`] reports.
 pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config: WorkerConfig = darkroom_shared::config::load()?;
+    let config: WorkerConfig = darkroom_shared::config::load_or_exit("darkroom-inference");
     darkroom_shared::telemetry::init_logging(&config.runtime);
     match args.command.unwrap_or(Command::Serve) {
         Command::Serve => {

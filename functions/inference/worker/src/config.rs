@@ -61,6 +61,12 @@ pub struct WorkerConfig {
     /// (those, with channels-last convolutions). Not yet measured on a GPU (BENCHMARKS.md);
     /// anything but `stock` needs a CUDA device.
     pub kernels: KernelChoice,
+    /// Seconds a render may go without progress (a phase or a denoising step) before the
+    /// watchdog gives up on this process (default 600; 0: no watchdog). It then stops renewing
+    /// the job and hands it back, turns `/readyz` to 503 and exits non-zero, so its supervisor
+    /// restarts it and the job renders on another worker. Set it well above the slowest
+    /// step or adapter load of your presets (a full-size step on a CPU takes seconds).
+    pub watchdog_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -83,6 +89,7 @@ impl Default for WorkerConfig {
             max_input_bytes: 64 << 20,
             cuda_graphs: true,
             kernels: KernelChoice::Stock,
+            watchdog_secs: 600,
         }
     }
 }
@@ -99,6 +106,11 @@ impl WorkerConfig {
             .map(|name| name.trim().to_owned())
             .filter(|name| !name.is_empty())
             .unwrap_or_else(|| "inference".to_owned())
+    }
+
+    /// [`Self::watchdog_secs`] as a duration; `None` when the watchdog is off.
+    pub fn watchdog_limit(&self) -> Option<Duration> {
+        (self.watchdog_secs > 0).then(|| Duration::from_secs(self.watchdog_secs))
     }
 
     /// [`Self::progress_interval_ms`] as a duration.

@@ -36,6 +36,7 @@ use crate::assets::{AssetDirs, AssetKind};
 use crate::config::WorkerConfig;
 use crate::digest::{self, DigestCache};
 use crate::error::RenderError;
+use crate::watchdog::Watchdog;
 use darkroom_shared::png::encode_png;
 
 /// A job with its prepared images, ready for the engine.
@@ -98,6 +99,7 @@ pub struct Engine {
     jobs: mpsc::SyncSender<Job>,
     model: LoadedModel,
     digest: watch::Receiver<Option<Result<String, String>>>,
+    watchdog: Watchdog,
 }
 
 impl Engine {
@@ -179,6 +181,8 @@ impl Engine {
         let pose_path = config.pose_model.clone();
         let pose_model = pose_path.as_deref().map(file_label);
         let path = model_path.clone();
+        let watchdog = Watchdog::default();
+        let engine_watchdog = watchdog.clone();
         std::thread::Builder::new()
             .name("engine".to_owned())
             .spawn(move || {
@@ -228,8 +232,11 @@ impl Engine {
                     assets,
                     dtype,
                     clock: 0,
+                    watchdog: engine_watchdog,
                 };
                 while let Ok(job) = queue.recv() {
+                    let watchdog = state.watchdog.clone();
+                    let _rendering = watchdog.rendering();
                     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         state.render(job.task, &job.cancel, &job.progress)
                     }))
@@ -269,7 +276,13 @@ impl Engine {
                 pose_model,
             },
             digest: digest_rx,
+            watchdog,
         })
+    }
+
+    /// The engine's progress, beaten at every phase and step of a render.
+    pub fn watchdog(&self) -> &Watchdog {
+        &self.watchdog
     }
 
     /// How the model was loaded.
@@ -373,6 +386,7 @@ struct EngineState {
     assets: AssetDirs,
     dtype: DType,
     clock: u64,
+    watchdog: Watchdog,
 }
 
 impl EngineState {
@@ -394,9 +408,11 @@ impl EngineState {
         for kind in DRAWN_CONTROL_KINDS {
             if render.controlnets.iter().any(|c| c.kind == kind) && !controls.contains_key(kind) {
                 controls.insert(kind.to_owned(), self.control_map(kind, &init)?);
+                self.watchdog.beat();
             }
         }
         let loras = self.switch_loras(&job)?;
+        self.watchdog.beat();
         let mut control_inputs = Vec::with_capacity(render.controlnets.len());
         let mut controlnets = Vec::with_capacity(render.controlnets.len());
         let names: Vec<&str> = render
@@ -406,6 +422,7 @@ impl EngineState {
             .collect();
         for params in &render.controlnets {
             let (id, sha256) = self.controlnet(&params.model, &names)?;
+            self.watchdog.beat();
             let image = controls.remove(&params.kind).ok_or_else(|| {
                 RenderError::InvalidJob(format!(
                     "ControlNet {} reads a {} control image the job does not have",
@@ -447,9 +464,13 @@ impl EngineState {
             }),
             controls: control_inputs,
         };
+        let watchdog = &self.watchdog;
         let generated = self
             .pipeline
             .generate_until(&request, &mut |done, total| {
+                watchdog.beat();
+                #[cfg(feature = "fault-hooks")]
+                crate::fault::at_step(done);
                 progress.send_replace(Some((
                     u32::try_from(done).unwrap_or(u32::MAX),
                     u32::try_from(total).unwrap_or(u32::MAX),
@@ -464,6 +485,7 @@ impl EngineState {
                 EngineError::Stopped { step, steps } => RenderError::Cancelled { step, steps },
                 other => RenderError::Engine(other),
             })?;
+        self.watchdog.beat();
         timings.text_ms = millis(generated.timings.text);
         timings.prepare_ms = millis(generated.timings.prepare);
         timings.denoise_ms = millis(generated.timings.denoise);

@@ -437,6 +437,21 @@ impl Handler for InferenceHandler {
             source: Some(job.source),
         })
     }
+
+    async fn abandoned(&self, delivery: &Delivery, error: &HandlerError) {
+        if let Ok(job) = parse_job(&delivery.payload) {
+            self.mark_failed(&job, error).await;
+        }
+    }
+
+    fn stalled(&self) -> Option<String> {
+        self.engine.watchdog().tripped().then(|| {
+            format!(
+                "the engine made no progress for {} s (DARKROOM_WATCHDOG_SECS)",
+                self.config.watchdog_secs
+            )
+        })
+    }
 }
 
 /// Reads and checks an inference job message (untrusted).

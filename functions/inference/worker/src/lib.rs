@@ -10,6 +10,7 @@
 //! - [`digest`]: SHA-256 of weights, for the hashes `completed` events carry;
 //! - [`handler`]: the shared `Handler` over inference jobs (fetch, render, store, announce);
 //! - [`error`]: why a job failed and whether another delivery could help;
+//! - [`watchdog`]: when the engine last made progress, and the stall that ends the process;
 //! - [`service`]: connecting, loading, consuming; [`cli`]: the `darkroom-inference` command.
 
 pub mod assets;
@@ -20,3 +21,7 @@ pub mod engine;
 pub mod error;
 pub mod handler;
 pub mod service;
+pub mod watchdog;
+
+#[cfg(feature = "fault-hooks")]
+pub mod fault;

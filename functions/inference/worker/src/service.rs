@@ -16,6 +16,7 @@ use crate::config::WorkerConfig;
 use crate::engine::Engine;
 use crate::engine::LoadedModel;
 use crate::handler::{InferenceHandler, SOURCE};
+use crate::watchdog::Watchdog;
 
 /// Connects, loads the model and consumes the jobs stream (durable consumer `inference`, one
 /// job at a time) until `shutdown` fires. Nothing is pulled before the model is loaded, so a
@@ -71,6 +72,13 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
             .runtime
             .consumer_settings(subjects::JOBS_STREAM, subjects::consumers::INFERENCE)
     };
+    let stall_watch = config.watchdog_limit().map(|limit| {
+        tokio::spawn(watch_for_stall(
+            engine.watchdog().clone(),
+            limit,
+            readiness.clone(),
+        ))
+    });
     let handler = InferenceHandler::new(
         Arc::new(engine),
         s3,
@@ -84,11 +92,27 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     let consumed = consumer::run(Arc::new(handler), publisher, settings, shutdown).await;
     readiness.set(false);
     inventory.abort();
+    if let Some(task) = stall_watch {
+        task.abort();
+    }
     if let Err(error) = registry.remove(&worker).await {
         tracing::warn!(%error, "cannot remove this worker's inventory (it expires by itself)");
     }
     consumed?;
     Ok(())
+}
+
+/// Waits for the engine to stall, then reports this worker not ready (the consumer loop, which
+/// asks the handler, hands the job back and stops; the process then exits).
+async fn watch_for_stall(watchdog: Watchdog, limit: std::time::Duration, readiness: Readiness) {
+    let silent = watchdog.wait_for_stall(limit).await;
+    readiness.set(false);
+    metrics::counter!(darkroom_shared::telemetry::metric::WATCHDOG_STALLS).increment(1);
+    tracing::error!(
+        silent_secs = silent.as_secs(),
+        limit_secs = limit.as_secs(),
+        "watchdog: the engine made no progress; handing the job back and exiting"
+    );
 }
 
 /// Writes this worker's inventory now and every [`workers::REFRESH`] until `shutdown`, so

@@ -32,6 +32,8 @@ use darkroom_tests::{NatsServer, S3Server};
 use image::{Rgb, RgbImage};
 use tokio_util::sync::CancellationToken;
 
+mod fleet;
+
 const BUCKET: &str = "photos";
 const WAIT: Duration = Duration::from_secs(120);
 /// Short, so a dead worker's job comes back quickly and a long render outlasts it many times.
@@ -293,6 +295,14 @@ impl Stack {
     /// A worker, with the tiny studio's depth and pose models (`DARKROOM_DEPTH_MODEL`,
     /// `DARKROOM_POSE_MODEL`) or without.
     async fn worker_with(&self, name: &str, estimators: bool) -> Worker {
+        let mut worker = self.spawn_worker(name, estimators, &[]);
+        worker.wait_until_consuming().await;
+        worker
+    }
+
+    /// Starts a worker with these extra variables (a test fault, a short watchdog) and does
+    /// not wait for it.
+    fn spawn_worker(&self, name: &str, estimators: bool, env: &[(&str, &str)]) -> Worker {
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let health_port = darkroom_tests::reserve_port().unwrap();
@@ -317,16 +327,15 @@ impl Stack {
             // A drained worker finishes its job however slow this shared machine is.
             .env("DARKROOM_SHUTDOWN_GRACE_SECS", "300")
             .env("RUST_LOG", "info,async_nats=warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .kill_on_drop(true);
-        let mut worker = Worker {
+        Worker {
             child: command.spawn().unwrap(),
             log,
             health_port,
-        };
-        worker.wait_until_consuming().await;
-        worker
+        }
     }
 
     /// Uploads a photo to `inbox/<preset>/<name>`.
