@@ -24,7 +24,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::topology::Topology;
+use crate::topology::{StorageBounds, Topology};
 use crate::{Result, RuntimeError};
 
 /// Environment variable naming an optional TOML config file.
@@ -129,6 +129,23 @@ pub struct RuntimeConfig {
     pub dlq_max_age_secs: u64,
     /// Seconds job records are kept in the `darkroom_jobs` bucket (default 30 days).
     pub jobs_max_age_secs: u64,
+    /// Most bytes `DARKROOM_UPLOADS` holds (default 1 GiB); full, it refuses new uploads
+    /// (the S3 event is retried, the reconciler finds the object later).
+    pub uploads_max_bytes: i64,
+    /// Most bytes the `DARKROOM_JOBS` work queue holds (default 1 GiB); full, preprocess
+    /// retries and then dead-letters.
+    pub jobs_stream_max_bytes: i64,
+    /// Most bytes `DARKROOM_EVENTS` holds (default 5 GiB); full, it refuses new events.
+    pub events_max_bytes: i64,
+    /// Most bytes `DARKROOM_NOTIFY` holds (default 2 GiB); full, its oldest replay history
+    /// goes.
+    pub notify_max_bytes: i64,
+    /// Most bytes `DARKROOM_DLQ` holds (default 1 GiB); full, dead-lettering is retried.
+    pub dlq_max_bytes: i64,
+    /// Most bytes the job records (`darkroom_jobs`) hold (default 3 GiB).
+    pub jobs_max_bytes: i64,
+    /// Most bytes the notifier's ledger (`darkroom_notifier_deliveries`) holds (default 1 GiB).
+    pub deliveries_max_bytes: i64,
     /// Whether a function creates and updates the topology at start (default `true`). Set it
     /// to `false` (`DARKROOM_JETSTREAM_PROVISION=false`) where the function's NATS user may not
     /// change streams (see infra/nats): it then only checks that its streams, buckets and
@@ -175,6 +192,13 @@ impl Default for RuntimeConfig {
             notify_max_age_secs: defaults.notify_max_age.as_secs(),
             dlq_max_age_secs: defaults.dlq_max_age.as_secs(),
             jobs_max_age_secs: defaults.jobs_kv_max_age.as_secs(),
+            uploads_max_bytes: defaults.bounds.uploads,
+            jobs_stream_max_bytes: defaults.bounds.jobs_stream,
+            events_max_bytes: defaults.bounds.events,
+            notify_max_bytes: defaults.bounds.notify,
+            dlq_max_bytes: defaults.bounds.dlq,
+            jobs_max_bytes: defaults.bounds.jobs_kv,
+            deliveries_max_bytes: defaults.bounds.deliveries_kv,
             jetstream_provision: true,
         }
     }
@@ -213,6 +237,15 @@ impl RuntimeConfig {
                 .max(Duration::from_millis(100)),
             max_deliver: self.max_deliver.max(1),
             inference_slots: self.inference_slots.max(1),
+            bounds: StorageBounds {
+                uploads: self.uploads_max_bytes.max(1),
+                jobs_stream: self.jobs_stream_max_bytes.max(1),
+                events: self.events_max_bytes.max(1),
+                notify: self.notify_max_bytes.max(1),
+                dlq: self.dlq_max_bytes.max(1),
+                jobs_kv: self.jobs_max_bytes.max(1),
+                deliveries_kv: self.deliveries_max_bytes.max(1),
+            },
             ..Topology::default()
         }
     }

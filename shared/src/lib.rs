@@ -109,6 +109,17 @@ pub enum RuntimeError {
     /// Metrics or telemetry could not be set up.
     #[error("telemetry: {0}")]
     Telemetry(String),
+    /// A stream or KV bucket is at its size bound and refuses new messages
+    /// ([`topology::StorageBounds`]): nothing was dropped; the caller retries later.
+    #[error(
+        "JetStream {operation}: the stream is full (its max_bytes or max_msgs bound): {message}"
+    )]
+    StoreFull {
+        /// What was being done.
+        operation: String,
+        /// What the server said.
+        message: String,
+    },
     /// The handler stopped making progress (the inference worker's watchdog): the message in
     /// hand was handed back and the loop stopped, so a supervisor restarts the process.
     #[error("stalled: {0}")]
@@ -116,13 +127,32 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
-    /// Wraps a JetStream client error with what was being done.
+    /// Wraps a JetStream client error with what was being done: [`RuntimeError::StoreFull`]
+    /// when the server refused it because a stream is at its bound (counted in
+    /// `darkroom_store_full_total`), else [`RuntimeError::JetStream`].
     pub fn jetstream(operation: impl Into<String>, error: impl std::fmt::Display) -> Self {
-        RuntimeError::JetStream {
-            operation: operation.into(),
-            message: error.to_string(),
+        let operation = operation.into();
+        let message = error.to_string();
+        if is_store_full(&message) {
+            metrics::counter!(telemetry::metric::STORE_FULL).increment(1);
+            tracing::error!(%operation, %message, "JetStream store bound reached; refused");
+            return RuntimeError::StoreFull { operation, message };
         }
+        RuntimeError::JetStream { operation, message }
     }
+}
+
+/// Whether a JetStream error says a stream refused a message for its size bounds (discard
+/// new): "maximum bytes exceeded", "maximum messages exceeded", or the store's own limit.
+fn is_store_full(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    [
+        "maximum bytes exceeded",
+        "maximum messages exceeded",
+        "insufficient resources",
+    ]
+    .iter()
+    .any(|needle| message.contains(needle))
 }
 
 /// Result alias for this crate.

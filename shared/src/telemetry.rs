@@ -22,6 +22,8 @@ pub mod metric {
     /// Counter of watchdog stalls (the inference worker's engine made no progress for
     /// `DARKROOM_WATCHDOG_SECS`; the process exits right after).
     pub const WATCHDOG_STALLS: &str = "darkroom_watchdog_stalls_total";
+    /// Counter of JetStream writes refused because a stream or bucket is at its size bound.
+    pub const STORE_FULL: &str = "darkroom_store_full_total";
 }
 
 /// Installs the global `tracing` subscriber: text or JSON lines on stderr, filtered by

@@ -46,7 +46,65 @@ pub struct Topology {
     pub inference_slots: i64,
     /// Messages preprocess and notifier may have in flight (default 64).
     pub cpu_max_ack_pending: i64,
+    /// Size bounds of every stream and KV bucket (see [`StorageBounds`]).
+    pub bounds: StorageBounds,
 }
+
+const MIB: i64 = 1 << 20;
+const GIB: i64 = 1 << 30;
+
+/// The most bytes each stream and KV bucket may hold, so JetStream's store never fills by
+/// itself: beside the max ages, which bound time but not volume. Defaults add up to 14 GiB,
+/// inside the 18 GB store of the Kubernetes manifests; `infra/README.md` sizes them by jobs
+/// per day.
+///
+/// What happens at a bound is chosen per stream so that no upload, job or completion is ever
+/// dropped silently: the streams of work and outcomes (uploads, jobs, events, dead letters)
+/// and the job records refuse new messages (`discard: new`) — the publisher gets
+/// [`RuntimeError::StoreFull`], counts `darkroom_store_full_total` and the message is retried
+/// or stays where it came from — while the notifier's fan-out, which only keeps replay history
+/// (live subscribers get each message as it is stored), drops its oldest. Within the events
+/// stream, a job's `progress` events are kept to the last [`EVENTS_PER_SUBJECT`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageBounds {
+    /// `DARKROOM_UPLOADS` (default 1 GiB; refuses new when full).
+    pub uploads: i64,
+    /// `DARKROOM_JOBS`, the work queue (default 1 GiB; refuses new when full).
+    pub jobs_stream: i64,
+    /// `DARKROOM_EVENTS` (default 5 GiB; refuses new when full).
+    pub events: i64,
+    /// `DARKROOM_NOTIFY` (default 2 GiB; drops its oldest when full).
+    pub notify: i64,
+    /// `DARKROOM_DLQ` (default 1 GiB; refuses new when full).
+    pub dlq: i64,
+    /// The job records, `darkroom_jobs` (default 3 GiB; refuses new when full).
+    pub jobs_kv: i64,
+    /// The notifier's ledger, `darkroom_notifier_deliveries` (default 1 GiB).
+    pub deliveries_kv: i64,
+}
+
+impl Default for StorageBounds {
+    fn default() -> Self {
+        StorageBounds {
+            uploads: GIB,
+            jobs_stream: GIB,
+            events: 5 * GIB,
+            notify: 2 * GIB,
+            dlq: GIB,
+            jobs_kv: 3 * GIB,
+            deliveries_kv: GIB,
+        }
+    }
+}
+
+/// Bytes of each of the small buckets (webhook endpoint state, worker inventories).
+pub const SMALL_BUCKET_MAX_BYTES: i64 = 64 * MIB;
+
+/// Messages kept per subject of the events stream: a job's events of one kind. Only
+/// `progress` comes near it (at most two a second per render); past it a job's oldest
+/// progress events go first. One job's `started` (one per delivery attempt) or any other kind
+/// never reaches it.
+pub const EVENTS_PER_SUBJECT: i64 = 32;
 
 impl Default for Topology {
     fn default() -> Self {
@@ -64,6 +122,7 @@ impl Default for Topology {
             notifier_max_deliver: 8,
             inference_slots: 8,
             cpu_max_ack_pending: 64,
+            bounds: StorageBounds::default(),
         }
     }
 }
@@ -90,6 +149,7 @@ impl Topology {
             subjects::UPLOADS_SUBJECTS,
             self.uploads_max_age,
             stream::RetentionPolicy::Limits,
+            self.bounds.uploads,
         )
     }
 
@@ -100,17 +160,22 @@ impl Topology {
             subjects::JOBS_SUBJECTS,
             Duration::ZERO,
             stream::RetentionPolicy::WorkQueue,
+            self.bounds.jobs_stream,
         )
     }
 
     /// The lifecycle events stream.
     pub fn events_stream(&self) -> stream::Config {
-        self.stream(
-            subjects::EVENTS_STREAM,
-            subjects::EVENTS_SUBJECTS,
-            self.events_max_age,
-            stream::RetentionPolicy::Limits,
-        )
+        stream::Config {
+            max_messages_per_subject: EVENTS_PER_SUBJECT,
+            ..self.stream(
+                subjects::EVENTS_STREAM,
+                subjects::EVENTS_SUBJECTS,
+                self.events_max_age,
+                stream::RetentionPolicy::Limits,
+                self.bounds.events,
+            )
+        }
     }
 
     /// The notifier's fan-out: stored from `darkroom.fanout.>` and republished on
@@ -122,11 +187,14 @@ impl Topology {
                 destination: subjects::NOTIFY_SUBJECTS.to_owned(),
                 headers_only: false,
             }),
+            // Replay history only: subscribers get each message as it is stored.
+            discard: stream::DiscardPolicy::Old,
             ..self.stream(
                 subjects::NOTIFY_STREAM,
                 subjects::NOTIFY_STREAM_SUBJECTS,
                 self.notify_max_age,
                 stream::RetentionPolicy::Limits,
+                self.bounds.notify,
             )
         }
     }
@@ -138,6 +206,7 @@ impl Topology {
             subjects::DLQ_SUBJECTS,
             self.dlq_max_age,
             stream::RetentionPolicy::Limits,
+            self.bounds.dlq,
         )
     }
 
@@ -148,6 +217,7 @@ impl Topology {
             description: "Darkroom job records, keyed by job id".to_owned(),
             history: 1,
             max_age: self.jobs_kv_max_age,
+            max_bytes: self.bounds.jobs_kv,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
             ..Default::default()
@@ -161,6 +231,7 @@ impl Topology {
             description: "Darkroom notifier: fan-outs and webhook deliveries done".to_owned(),
             history: 1,
             max_age: self.events_max_age,
+            max_bytes: self.bounds.deliveries_kv,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
             ..Default::default()
@@ -173,6 +244,7 @@ impl Topology {
             bucket: subjects::WEBHOOK_ENDPOINTS_KV.to_owned(),
             description: "Darkroom webhook endpoints disabled by a 410 Gone".to_owned(),
             history: 1,
+            max_bytes: SMALL_BUCKET_MAX_BYTES,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
             ..Default::default()
@@ -187,6 +259,7 @@ impl Topology {
             description: "Darkroom inference workers and the files they can render with".to_owned(),
             history: 1,
             max_age: crate::workers::EXPIRY,
+            max_bytes: SMALL_BUCKET_MAX_BYTES,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
             ..Default::default()
@@ -346,12 +419,16 @@ impl Topology {
         subjects: &str,
         max_age: Duration,
         retention: stream::RetentionPolicy,
+        max_bytes: i64,
     ) -> stream::Config {
         stream::Config {
             name: name.to_owned(),
             subjects: vec![subjects.to_owned()],
             retention,
             max_age,
+            max_bytes,
+            // Full: refuse what comes next, never drop what is there (see `StorageBounds`).
+            discard: stream::DiscardPolicy::New,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
             // The server refuses a de-duplication window longer than the max age.
@@ -461,5 +538,47 @@ pub async fn consumer_info(
                 error,
             )),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stream_and_bucket_has_a_size_bound_and_they_fit_the_kubernetes_store() {
+        let topology = Topology::default();
+        let mut total = 0;
+        for config in topology.streams() {
+            assert!(config.max_bytes > 0, "stream {} is unbounded", config.name);
+            total += config.max_bytes;
+        }
+        for config in topology.key_values() {
+            assert!(
+                config.max_bytes > 0,
+                "bucket {} is unbounded",
+                config.bucket
+            );
+            total += config.max_bytes;
+        }
+        // infra/k8s/base/nats/config.yaml: max_file_store 18GB (decimal), with room to spare.
+        assert!(total <= 15 * GIB, "{total} bytes");
+    }
+
+    #[test]
+    fn only_replay_history_drops_its_oldest() {
+        let topology = Topology::default();
+        for config in topology.streams() {
+            let wanted = if config.name == subjects::NOTIFY_STREAM {
+                stream::DiscardPolicy::Old
+            } else {
+                stream::DiscardPolicy::New
+            };
+            assert_eq!(config.discard, wanted, "{}", config.name);
+        }
+        assert_eq!(
+            topology.events_stream().max_messages_per_subject,
+            EVENTS_PER_SUBJECT
+        );
     }
 }
