@@ -147,6 +147,7 @@ def main(path):
     allowed = {
         "darkroom-preprocess": {
             ("s3:GetObject", "/inbox/*"), ("s3:GetObjectVersion", "/inbox/*"), ("s3:PutObject", "/work/*"),
+            ("s3:GetObject", "/outputs/*/receipt.json"), ("s3:PutObject", "/outputs/*/receipt.json"),
             ("logs:CreateLogStream", "log"), ("logs:PutLogEvents", "log"), ("sqs:SendMessage", "queue"),
         },
         "darkroom-notifier": {

@@ -62,6 +62,9 @@ pub struct ConsumerSettings {
     /// error (`None`: no limit). Without it a call that never returns would keep the message
     /// in-progress-acked for good.
     pub handling_timeout: Option<Duration>,
+    /// The topology whose streams, buckets and bounds the loop's gauges sample
+    /// ([`crate::monitor`]).
+    pub topology: Topology,
 }
 
 impl ConsumerSettings {
@@ -77,6 +80,7 @@ impl ConsumerSettings {
             shutdown_grace: Duration::from_secs(30),
             retry_backoff: [1, 5, 15, 30, 60].map(Duration::from_secs).to_vec(),
             handling_timeout: None,
+            topology: topology.clone(),
         }
     }
 
@@ -106,6 +110,13 @@ pub async fn run<H: Handler>(
                 e,
             )
         })?;
+    let monitor = tokio::spawn(crate::monitor::run(
+        js.clone(),
+        settings.topology.clone(),
+        settings.stream.clone(),
+        settings.consumer.clone(),
+        shutdown.clone(),
+    ));
     let advisories = tokio::spawn(watch_max_deliveries(
         handler.clone(),
         publisher.clone(),
@@ -117,6 +128,7 @@ pub async fn run<H: Handler>(
     while !shutdown.is_cancelled() {
         if let Some(why) = handler.stalled() {
             advisories.abort();
+            monitor.abort();
             tracing::error!(stage = %H::STAGE, %why, "stalled; consumer stopped");
             return Err(RuntimeError::Stalled(why));
         }
@@ -149,6 +161,7 @@ pub async fn run<H: Handler>(
         }
     }
     advisories.abort();
+    monitor.abort();
     tracing::info!(stage = %H::STAGE, "consumer stopped");
     Ok(())
 }

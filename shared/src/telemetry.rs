@@ -24,6 +24,24 @@ pub mod metric {
     pub const WATCHDOG_STALLS: &str = "darkroom_watchdog_stalls_total";
     /// Counter of JetStream writes refused because a stream or bucket is at its size bound.
     pub const STORE_FULL: &str = "darkroom_store_full_total";
+    /// Gauge of the bytes a stream (or a KV bucket's stream, `KV_<bucket>`) holds, label
+    /// `stream`.
+    pub const STREAM_BYTES: &str = "darkroom_stream_bytes";
+    /// Gauge of the messages a stream holds, label `stream`.
+    pub const STREAM_MESSAGES: &str = "darkroom_stream_messages";
+    /// Gauge of a stream's `max_bytes` bound, label `stream`.
+    pub const STREAM_MAX_BYTES: &str = "darkroom_stream_max_bytes";
+    /// Gauge of messages not yet delivered to a consumer (queue lag), label `consumer`.
+    pub const CONSUMER_PENDING: &str = "darkroom_consumer_pending";
+    /// Gauge of messages delivered and not yet acknowledged, label `consumer`.
+    pub const CONSUMER_ACK_PENDING: &str = "darkroom_consumer_ack_pending";
+    /// Gauge of messages redelivered at least once, label `consumer`.
+    pub const CONSUMER_REDELIVERED: &str = "darkroom_consumer_redelivered";
+    /// Gauge: 1 while the inference worker takes jobs (model loaded, consuming), else 0.
+    pub const WORKER_READY: &str = "darkroom_worker_ready";
+    /// Histogram of the seconds one denoising step took, per rendered job (denoise time over
+    /// steps).
+    pub const RENDER_STEP_SECONDS: &str = "darkroom_render_step_seconds";
 }
 
 /// Installs the global `tracing` subscriber: text or JSON lines on stderr, filtered by
@@ -43,13 +61,34 @@ pub fn init_logging(config: &RuntimeConfig) {
     };
 }
 
-/// Serves Prometheus metrics on `config.metrics_addr` (`GET /metrics`) when one is set.
+/// Buckets of every `*_seconds` histogram: from a 5 ms webhook to a 5 min render, so the
+/// dashboard can aggregate quantiles across processes (`histogram_quantile`).
+pub const SECONDS_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// Serves Prometheus metrics on `config.metrics_addr` (`GET /metrics`) when one is set, and
+/// registers the shared counters at zero so that dashboards and alert rules find them before
+/// the first event (a dead letter, a stall, a refused write) happens.
 pub fn init_metrics(config: &RuntimeConfig) -> Result<()> {
     if let Some(addr) = config.metrics_addr {
         PrometheusBuilder::new()
             .with_http_listener(addr)
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Suffix("_seconds".to_owned()),
+                &SECONDS_BUCKETS,
+            )
+            .map_err(|e| RuntimeError::Telemetry(format!("histogram buckets: {e}")))?
             .install()
             .map_err(|e| RuntimeError::Telemetry(format!("metrics on {addr}: {e}")))?;
+        for name in [
+            metric::MESSAGES,
+            metric::DEAD_LETTERS,
+            metric::STORE_FULL,
+            metric::WATCHDOG_STALLS,
+        ] {
+            metrics::counter!(name).increment(0);
+        }
     }
     Ok(())
 }

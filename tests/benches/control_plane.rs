@@ -909,6 +909,62 @@ async fn stored_completions(js: &jetstream::Context) -> Result<HashMap<JobId, u3
     Ok(counts)
 }
 
+/// What `jobs` jobs left in each stream and KV bucket, per job and against its bound: the
+/// figures behind the sizing table of infra/README.md.
+async fn storage_table(
+    js: &jetstream::Context,
+    topology: &Topology,
+    jobs: usize,
+) -> Result<String> {
+    let mut rows: Vec<(String, i64, Duration)> = topology
+        .streams()
+        .into_iter()
+        .map(|c| (c.name, c.max_bytes, c.max_age))
+        .collect();
+    rows.extend(
+        topology
+            .key_values()
+            .into_iter()
+            .map(|c| (format!("KV_{}", c.bucket), c.max_bytes, c.max_age)),
+    );
+    let mut table = format!(
+        "JetStream storage after {jobs} jobs (the stand-in publishes no `progress`: a real          render adds up to 2 a second)\n\n\
+         | stream | messages | bytes | bytes per job | max_bytes | jobs it holds | max age |\n\
+         |---|---:|---:|---:|---:|---:|---|\n"
+    );
+    let mut total = 0u64;
+    for (name, max_bytes, max_age) in rows {
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .with_context(|| format!("open stream {name}"))?;
+        let state = stream.info().await.context("stream info")?.state.clone();
+        total += state.bytes;
+        let per_job = state.bytes as f64 / jobs.max(1) as f64;
+        let holds = if per_job > 0.0 {
+            format!("{:.0}", max_bytes as f64 / per_job)
+        } else {
+            "-".to_owned()
+        };
+        let age = if max_age.is_zero() {
+            "until consumed".to_owned()
+        } else {
+            format!("{:.1} d", max_age.as_secs_f64() / 86_400.0)
+        };
+        let _ = writeln!(
+            table,
+            "| {name} | {} | {} | {per_job:.0} | {max_bytes} | {holds} | {age} |",
+            state.messages, state.bytes
+        );
+    }
+    let _ = writeln!(
+        table,
+        "| all | | {total} | {:.0} | | | |",
+        total as f64 / jobs.max(1) as f64
+    );
+    Ok(table)
+}
+
 async fn stream_messages(js: &jetstream::Context, name: &str) -> Result<u64> {
     let mut stream = js
         .get_stream(name)
@@ -1210,6 +1266,8 @@ async fn run(args: Args) -> Result<bool> {
         memory_rows.push(("RSS after burst", after_burst));
     }
     println!("{}", memory_table(&memory_rows, &functions));
+    let jobs = WARM_UP_UPLOADS + args.uploads + args.burst;
+    println!("{}", storage_table(&js, &topology, jobs).await?);
     let mut stand_in_handled: BTreeMap<u32, usize> = BTreeMap::new();
     {
         let all = timelines

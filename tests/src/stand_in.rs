@@ -148,6 +148,21 @@ impl StandInPipeline {
         preset_toml: &str,
         worker: &str,
     ) -> StandInPipeline {
+        Self::start_with_webhooks(runtime, preset, preset_toml, worker, None).await
+    }
+
+    /// [`Self::start`], the notifier delivering webhooks to the endpoints of
+    /// `endpoints_file` (the notifier's TOML) when one is given.
+    ///
+    /// # Panics
+    /// When a connection or the preset folder cannot be made.
+    pub async fn start_with_webhooks(
+        runtime: &darkroom_shared::RuntimeConfig,
+        preset: &str,
+        preset_toml: &str,
+        worker: &str,
+        endpoints_file: Option<std::path::PathBuf>,
+    ) -> StandInPipeline {
         use darkroom_events::subjects::{self, consumers};
         let presets = tempfile::tempdir().unwrap_or_else(|e| panic!("preset folder: {e}"));
         std::fs::write(presets.path().join(format!("{preset}.toml")), preset_toml)
@@ -169,6 +184,9 @@ impl StandInPipeline {
         let notifier = tokio::spawn({
             let config = darkroom_notifier::config::NotifierConfig {
                 runtime: runtime.clone(),
+                notifier_endpoints_file: endpoints_file,
+                notifier_backoff_base_ms: 50,
+                notifier_backoff_max_ms: 200,
                 ..darkroom_notifier::config::NotifierConfig::default()
             };
             let shutdown = shutdown.clone();

@@ -173,7 +173,7 @@ async fn changed_settings_are_updates_and_data_losing_ones_need_force() {
     let plan = changed.plan().await.unwrap();
     let text = plan.to_string();
     assert!(
-        text.contains("consumer DARKROOM_JOBS/inference: update ack_wait from 1m to 30s, max_deliver from 5 to 7\n"),
+        text.contains("consumer DARKROOM_JOBS/inference: update ack_wait from 1m to 30s, max_deliver from 6 to 8\n"),
         "{text}"
     );
     assert!(

@@ -45,6 +45,10 @@ pub struct IngestConfig {
     pub ingest_reconcile_interval_secs: u64,
     /// Largest webhook body accepted, in bytes (default 1 MiB).
     pub ingest_max_body_bytes: usize,
+    /// How far before the newest object of its previous sweep the reconciler examines again,
+    /// in seconds (`DARKROOM_INGEST_RECONCILE_MARGIN_SECS`, default 900): room for clock skew
+    /// and for uploads that become visible after their modification time.
+    pub ingest_reconcile_margin_secs: u64,
 }
 
 impl Default for IngestConfig {
@@ -55,6 +59,7 @@ impl Default for IngestConfig {
             ingest_inbox_prefix: "inbox/".to_owned(),
             ingest_reconcile_interval_secs: 60,
             ingest_max_body_bytes: 1 << 20,
+            ingest_reconcile_margin_secs: 900,
         }
     }
 }
@@ -96,6 +101,9 @@ pub async fn serve(
         relay.clone(),
         config.runtime.bucket.clone(),
         Duration::from_secs(config.ingest_reconcile_interval_secs),
+        chrono::TimeDelta::seconds(
+            i64::try_from(config.ingest_reconcile_margin_secs).unwrap_or(i64::MAX / 1000),
+        ),
         shutdown.clone(),
     ));
     let app = webhook::router(
@@ -130,12 +138,15 @@ async fn reconcile_periodically(
     relay: UploadRelay,
     bucket: String,
     interval: Duration,
+    margin: chrono::TimeDelta,
     shutdown: CancellationToken,
 ) {
+    let mut watermark = reconcile::Watermark::default();
     loop {
-        match reconcile::reconcile(&relay, &bucket).await {
+        match reconcile::sweep(&relay, &bucket, &mut watermark, margin).await {
             Ok(report) => tracing::info!(
                 listed = report.listed,
+                examined = report.examined,
                 published = report.published,
                 "reconciled inbox"
             ),

@@ -7,6 +7,7 @@ use darkroom_events::subjects;
 use darkroom_events::{JobId, ObjectRef, S3EventRecord, S3Notification};
 use darkroom_shared::jobs::{JobRecord, JobStore};
 use darkroom_shared::publish::Publisher;
+use darkroom_shared::receipt;
 use darkroom_shared::telemetry::TraceParent;
 
 use crate::{IngestError, Result};
@@ -77,6 +78,14 @@ impl UploadRelay {
             return Err(IngestError::Storage(format!("{object} has no ETag")));
         };
         if self.jobs.get(job).await?.is_some() {
+            return Ok(Relayed::Duplicate(job));
+        }
+        // No record: new, or handled so long ago that its record has expired. The receipt
+        // preprocess wrote tells them apart for as long as the upload's outputs live.
+        let handled = receipt::exists(&self.s3, &object.bucket, job)
+            .await
+            .map_err(|e| IngestError::Storage(e.to_string()))?;
+        if handled {
             return Ok(Relayed::Duplicate(job));
         }
         let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);

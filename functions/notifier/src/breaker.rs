@@ -108,6 +108,15 @@ impl Breakers {
         }
     }
 
+    /// Whether `endpoint` is cut off at `now` (for the `darkroom_webhook_breaker_open` gauge).
+    pub fn is_open(&self, endpoint: &str, now: Instant) -> bool {
+        let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        states
+            .get(endpoint)
+            .and_then(|state| state.open_until)
+            .is_some_and(|until| until > now)
+    }
+
     /// Records how an admitted attempt at `endpoint` went.
     pub fn record(&self, endpoint: &str, succeeded: bool, now: Instant) {
         if self.settings.failures == 0 {
@@ -164,6 +173,9 @@ mod tests {
             }
         );
         assert_eq!(breakers.admit("alive", at(start, 4)), Admission::Send);
+        assert!(breakers.is_open("dead", at(start, 4)));
+        assert!(!breakers.is_open("dead", at(start, 11)));
+        assert!(!breakers.is_open("alive", at(start, 4)));
     }
 
     #[test]

@@ -346,6 +346,7 @@ impl NotifierHandler {
         {
             metrics::counter!(metric::WEBHOOK_ATTEMPTS, "endpoint" => endpoint.id.clone(), "outcome" => "breaker_open")
                 .increment(1);
+            metrics::gauge!(metric::BREAKER_OPEN, "endpoint" => endpoint.id.clone()).set(1.0);
             let error = format!(
                 "not sent: the endpoint failed {failures} attempts in a row and is cut off for {}s more",
                 retry_in.as_secs_f64().ceil()
@@ -362,10 +363,19 @@ impl NotifierHandler {
                 retry_after: Some(retry_in),
             });
         }
+        let sent = Instant::now();
         let result = self.sender.send(endpoint, &webhook_id, &notice.body).await;
+        metrics::histogram!(metric::WEBHOOK_SECONDS, "endpoint" => endpoint.id.clone())
+            .record(sent.elapsed().as_secs_f64());
         let succeeded = matches!(result, Attempt::Delivered { .. } | Attempt::Gone);
-        self.breakers
-            .record(&endpoint.id, succeeded, Instant::now());
+        let now = Instant::now();
+        self.breakers.record(&endpoint.id, succeeded, now);
+        let open = self.breakers.is_open(&endpoint.id, now);
+        metrics::gauge!(metric::BREAKER_OPEN, "endpoint" => endpoint.id.clone()).set(if open {
+            1.0
+        } else {
+            0.0
+        });
         let label = match &result {
             Attempt::Delivered { .. } => "delivered",
             Attempt::Gone => "gone",

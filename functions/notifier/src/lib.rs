@@ -48,4 +48,10 @@ pub mod metric {
     /// Counter of webhook attempts, labels `endpoint` and `outcome`
     /// (`delivered`, `gone`, `failed`, `refused`, and `breaker_open` for an attempt not made).
     pub const WEBHOOK_ATTEMPTS: &str = "darkroom_webhook_attempts_total";
+    /// Histogram of webhook request time in seconds (sent → answered or failed), label
+    /// `endpoint`.
+    pub const WEBHOOK_SECONDS: &str = "darkroom_webhook_seconds";
+    /// Gauge, label `endpoint`: 1 while the endpoint's circuit breaker is open (its attempts
+    /// are deferred), 0 once it closes.
+    pub const BREAKER_OPEN: &str = "darkroom_webhook_breaker_open";
 }

@@ -31,6 +31,14 @@ pub async fn connect(config: &NotifierConfig) -> anyhow::Result<NotifierHandler>
         endpoints = registry.endpoints().len(),
         "webhook endpoints loaded"
     );
+    // Every endpoint's series from the start, so dashboards and alerts see it at zero.
+    for endpoint in registry.endpoints() {
+        metrics::gauge!(crate::metric::BREAKER_OPEN, "endpoint" => endpoint.id.clone()).set(0.0);
+        for outcome in ["delivered", "failed"] {
+            metrics::counter!(crate::metric::WEBHOOK_ATTEMPTS, "endpoint" => endpoint.id.clone(), "outcome" => outcome)
+                .increment(0);
+        }
+    }
     let sender = WebhookSender::new(&registry, config.limits())?;
     let nats = darkroom_shared::nats::connect(&config.runtime, "darkroom-notifier").await?;
     let js = async_nats::jetstream::new(nats);

@@ -38,7 +38,7 @@ use darkroom_events::subjects::INFERENCE_JOBS_SUBJECT;
 use darkroom_events::{
     CloudEvent, FailureReason, JobFailed, JobId, JobQueued, ObjectRef, S3EventRecord, Stage,
 };
-use darkroom_shared::jobs::{JobStatus, JobStore};
+use darkroom_shared::jobs::{JobRecord, JobStatus, JobStore};
 use darkroom_shared::preset::{ControlKind, Preset, PresetLibrary};
 use darkroom_shared::publish::Publisher;
 use darkroom_shared::telemetry::TraceParent;
@@ -48,6 +48,7 @@ use darkroom_shared::{Delivery, Handler, HandlerError, JobContext, RuntimeError}
 use crate::config::PreprocessConfig;
 use crate::job::{self, JobError, JobOutput};
 use darkroom_shared::fetch::{self, FetchError};
+use darkroom_shared::receipt::{self, Decision, Receipt};
 
 /// The CloudEvents `source` of everything preprocess publishes.
 pub const SOURCE: &str = "/darkroom/preprocess";
@@ -59,6 +60,9 @@ pub enum Outcome {
     Queued(JobId),
     /// Its record says `queued` or further along: nothing was redone.
     AlreadyQueued(JobId),
+    /// It has no record but a receipt: it was handled once, and its records have expired
+    /// since (see `darkroom_shared::receipt`). Nothing was redone.
+    HandledEarlier(JobId),
     /// Not an upload this function handles (see the module docs).
     Skipped,
 }
@@ -144,14 +148,32 @@ impl PreprocessHandler {
             job_id,
             source: Some(object.clone()),
         };
-        if let Some((record, _)) = self.jobs.get(job_id).await.map_err(runtime_error)?
-            && matches!(
-                record.status,
-                JobStatus::Queued | JobStatus::Running | JobStatus::Completed
-            )
-        {
-            tracing::info!(job = %job_id, status = ?record.status, "already queued; nothing to do");
-            return Ok(Outcome::AlreadyQueued(job_id));
+        match self.jobs.get(job_id).await.map_err(runtime_error)? {
+            Some((record, _))
+                if matches!(
+                    record.status,
+                    JobStatus::Queued | JobStatus::Running | JobStatus::Completed
+                ) =>
+            {
+                tracing::info!(job = %job_id, status = ?record.status, "already queued; nothing to do");
+                return Ok(Outcome::AlreadyQueued(job_id));
+            }
+            Some(_) => {}
+            None => {
+                if receipt::exists(&self.s3, &object.bucket, job_id)
+                    .await
+                    .map_err(fetch_error)?
+                {
+                    tracing::info!(job = %job_id, "handled earlier (receipt, no record); nothing to do");
+                    return Ok(Outcome::HandledEarlier(job_id));
+                }
+                // The record before any receipt: a receipt without a record then always means
+                // an expired record, never an unfinished first attempt.
+                self.jobs
+                    .create(&JobRecord::received(job_id, object.clone()))
+                    .await
+                    .map_err(runtime_error)?;
+            }
         }
         let span = tracing::info_span!("job", job = %job_id, object = %object);
         match self
@@ -168,6 +190,14 @@ impl PreprocessHandler {
                         .unwrap_or_else(
                             |e| tracing::warn!(error = %e, "cannot mark the job failed"),
                         );
+                    // Refused for good: never again, however long the upload stays.
+                    if let Some(source) = &context.source {
+                        self.write_receipt(job_id, source, Decision::Refused)
+                            .await
+                            .unwrap_or_else(
+                                |e| tracing::warn!(error = %e, "cannot write the receipt"),
+                            );
+                    }
                 }
                 Err(error)
             }
@@ -310,6 +340,9 @@ impl PreprocessHandler {
         let prepared = started.elapsed();
 
         self.store(&object.bucket, &output).await?;
+        self.write_receipt(job_id, &object, Decision::Queued)
+            .await
+            .map_err(runtime_error)?;
         self.publish(&output, traceparent).await?;
         self.mark(
             &JobContext {
@@ -395,6 +428,22 @@ impl PreprocessHandler {
             tracing::info!(job = %job_id, "the jobs stream already had this job");
         }
         Ok(())
+    }
+
+    /// Writes the upload's receipt (see `darkroom_shared::receipt`).
+    async fn write_receipt(
+        &self,
+        job_id: JobId,
+        source: &ObjectRef,
+        decision: Decision,
+    ) -> Result<(), RuntimeError> {
+        let receipt = Receipt {
+            job_id,
+            source: source.clone(),
+            decision,
+            decided_at: chrono::Utc::now(),
+        };
+        receipt::write(&self.s3, &receipt).await
     }
 
     /// Moves the job's record to `status` (creating it when the event bypassed ingest, as

@@ -158,6 +158,11 @@ impl InferenceHandler {
         let fetch_ms = millis_since(fetch_started);
 
         let rendered = self.render(job, task, cancel, traceparent).await?;
+        if job.render.steps > 0 {
+            let step = rendered.timings.denoise_ms as f64 / 1000.0 / f64::from(job.render.steps);
+            metrics::histogram!(darkroom_shared::telemetry::metric::RENDER_STEP_SECONDS)
+                .record(step);
+        }
 
         let store_started = Instant::now();
         let result_key = format!("{}result.png", job.output_prefix);

@@ -26,6 +26,7 @@ use crate::watchdog::Watchdog;
 /// NATS unreachable, JetStream refusing the topology, or a model that does not load.
 pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let readiness = Readiness::default();
+    set_ready(&readiness, false);
     if let Some(addr) = config.runtime.health_addr {
         let bound = health::serve(addr, readiness.clone(), shutdown.clone()).await?;
         tracing::info!(%bound, "health endpoint: /healthz, /readyz (ready once the model is loaded)");
@@ -88,9 +89,9 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     );
     let publisher = handler.publisher().clone();
     let worker = handler.worker().to_owned();
-    readiness.set(true);
+    set_ready(&readiness, true);
     let consumed = consumer::run(Arc::new(handler), publisher, settings, shutdown).await;
-    readiness.set(false);
+    set_ready(&readiness, false);
     inventory.abort();
     if let Some(task) = stall_watch {
         task.abort();
@@ -102,11 +103,21 @@ pub async fn serve(config: WorkerConfig, shutdown: CancellationToken) -> anyhow:
     Ok(())
 }
 
+/// `/readyz` and the `darkroom_worker_ready` gauge together.
+fn set_ready(readiness: &Readiness, ready: bool) {
+    readiness.set(ready);
+    metrics::gauge!(darkroom_shared::telemetry::metric::WORKER_READY).set(if ready {
+        1.0
+    } else {
+        0.0
+    });
+}
+
 /// Waits for the engine to stall, then reports this worker not ready (the consumer loop, which
 /// asks the handler, hands the job back and stops; the process then exits).
 async fn watch_for_stall(watchdog: Watchdog, limit: std::time::Duration, readiness: Readiness) {
     let silent = watchdog.wait_for_stall(limit).await;
-    readiness.set(false);
+    set_ready(&readiness, false);
     metrics::counter!(darkroom_shared::telemetry::metric::WATCHDOG_STALLS).increment(1);
     tracing::error!(
         silent_secs = silent.as_secs(),
