@@ -33,6 +33,7 @@ use image::{Rgb, RgbImage};
 use tokio_util::sync::CancellationToken;
 
 mod fleet;
+mod metrics;
 
 const BUCKET: &str = "photos";
 const WAIT: Duration = Duration::from_secs(120);
