@@ -928,7 +928,7 @@ async fn storage_table(
             .map(|c| (format!("KV_{}", c.bucket), c.max_bytes, c.max_age)),
     );
     let mut table = format!(
-        "JetStream storage after {jobs} jobs (the stand-in publishes no `progress`: a real          render adds up to 2 a second)\n\n\
+        "JetStream storage after {jobs} jobs (the stand-in publishes no `progress`: a real render adds up to 2 a second)\n\n\
          | stream | messages | bytes | bytes per job | max_bytes | jobs it holds | max age |\n\
          |---|---:|---:|---:|---:|---:|---|\n"
     );
@@ -946,8 +946,12 @@ async fn storage_table(
         } else {
             "-".to_owned()
         };
-        let age = if max_age.is_zero() {
+        let age = if name == subjects::JOBS_STREAM {
             "until consumed".to_owned()
+        } else if max_age.is_zero() {
+            "unlimited".to_owned()
+        } else if max_age < Duration::from_secs(86_400) {
+            format!("{} s", max_age.as_secs())
         } else {
             format!("{:.1} d", max_age.as_secs_f64() / 86_400.0)
         };
