@@ -286,18 +286,42 @@ async fn settle_failure<H: Handler>(
     tracing::warn!(reason = ?reason, error = %text, "giving up on the message");
     let job = error.job.clone().or_else(|| handler.job_of(delivery));
     let origin = Some((settings.stream.clone(), sequence));
-    match give_up(publisher, H::STAGE, delivery, origin, reason, &text, job).await {
+    let retry_in = settings.backoff(delivery.attempt);
+    let letter = (origin, reason, text.as_str(), job);
+    if terminate_with_dead_letter::<H>(publisher, message, delivery, letter, retry_in).await {
+        label
+    } else {
+        "retried"
+    }
+}
+
+/// What a dead letter says: where the message came from, why it failed, for people, its job.
+type Letter<'a> = (
+    Option<(String, u64)>,
+    FailureReason,
+    &'a str,
+    Option<JobContext>,
+);
+
+/// Dead-letters `delivery` (with `failed` when it has a job) and terminates its message: `true`.
+/// When the dead letter cannot be published the message is handed back after `retry_in`
+/// instead, since without its dead letter it would be lost: `false`.
+async fn terminate_with_dead_letter<H: Handler>(
+    publisher: &Publisher,
+    message: &jetstream::Message,
+    delivery: &Delivery,
+    (origin, reason, text, job): Letter<'_>,
+    retry_in: Duration,
+) -> bool {
+    match give_up(publisher, H::STAGE, delivery, origin, reason, text, job).await {
         Ok(()) => {
             let _ = message.ack_with(AckKind::Term).await;
-            label
+            true
         }
-        Err(publish_error) => {
-            // Without its dead letter the message would be lost: keep it and try again later.
-            tracing::error!(error = %publish_error, "cannot dead-letter; will retry");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(settings.backoff(delivery.attempt))))
-                .await;
-            "retried"
+        Err(error) => {
+            tracing::error!(%error, "cannot dead-letter; handing the message back");
+            let _ = message.ack_with(AckKind::Nak(Some(retry_in))).await;
+            false
         }
     }
 }
@@ -324,33 +348,16 @@ async fn dead_letter_unsettled<H: Handler>(
     let origin = Some((settings.stream.clone(), sequence));
     let job = handler.job_of(delivery);
     let reason = FailureReason::MaxDeliveriesExceeded;
-    match give_up(
-        publisher,
-        H::STAGE,
-        &attempted,
-        origin,
-        reason,
-        &text,
-        job.clone(),
-    )
-    .await
-    {
-        Ok(()) => {
-            let _ = message.ack_with(AckKind::Term).await;
-            let mut error = HandlerError::transient(reason, text);
-            error.job = job;
-            handler.abandoned(&attempted, &error).await;
-            "dead_lettered"
-        }
-        Err(error) => {
-            // Handed back: the server's advisory, or this loop's next pull, tries again.
-            tracing::error!(%error, "cannot dead-letter; handing the message back");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(settings.backoff(attempts))))
-                .await;
-            "retried"
-        }
+    let letter = (origin, reason, text.as_str(), job.clone());
+    // Handed back on failure: the server's advisory is the last net for this delivery.
+    let retry_in = settings.backoff(attempts);
+    if !terminate_with_dead_letter::<H>(publisher, message, &attempted, letter, retry_in).await {
+        return "retried";
     }
+    let mut error = HandlerError::transient(reason, text);
+    error.job = job;
+    handler.abandoned(&attempted, &error).await;
+    "dead_lettered"
 }
 
 /// Dead-letters a delivery and, when it belongs to a job, publishes the job's `failed` event.

@@ -1413,6 +1413,29 @@ pub async fn spawn_preprocess(
     (shutdown, task)
 }
 
+/// nats-server, and SeaweedFS whose filer announces every upload to an ingest webhook on the
+/// returned port (start ingest listening there), with `bucket` created: the servers of a run
+/// that starts from real S3 events.
+///
+/// # Panics
+/// When a server does not start or the bucket cannot be made.
+pub async fn servers_for_ingest(bucket: &str) -> (NatsServer, S3Server, aws_sdk_s3::Client, u16) {
+    let nats = NatsServer::start()
+        .await
+        .unwrap_or_else(|e| panic!("nats-server: {e:#}"));
+    let ingest_port = reserve_port().unwrap_or_else(|e| panic!("a port for ingest: {e:#}"));
+    let s3 = S3Server::start(Some(&format!(
+        "http://127.0.0.1:{ingest_port}/v1/events/seaweedfs"
+    )))
+    .await
+    .unwrap_or_else(|e| panic!("SeaweedFS: {e:#}"));
+    let client = s3.client().await;
+    darkroom_shared::s3::ensure_bucket(&client, bucket)
+        .await
+        .unwrap_or_else(|e| panic!("bucket {bucket}: {e}"));
+    (nats, s3, client, ingest_port)
+}
+
 /// Puts `body` at `bucket`/`key` and returns the object as events refer to it (ETag, size).
 ///
 /// # Panics

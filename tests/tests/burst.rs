@@ -14,7 +14,6 @@ use std::time::Duration;
 use darkroom_events::JobId;
 use darkroom_shared::RuntimeConfig;
 use darkroom_tests::stand_in::{self, InferenceStandIn};
-use darkroom_tests::{NatsServer, S3Server};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -46,17 +45,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 }
 
 async fn burst(uploads: usize) {
-    let nats = NatsServer::start().await.unwrap();
-    let ingest_port = darkroom_tests::reserve_port().unwrap();
-    let s3 = S3Server::start(Some(&format!(
-        "http://127.0.0.1:{ingest_port}/v1/events/seaweedfs"
-    )))
-    .await
-    .unwrap();
-    let s3_client = s3.client().await;
-    darkroom_shared::s3::ensure_bucket(&s3_client, BUCKET)
-        .await
-        .unwrap();
+    let (nats, s3, s3_client, ingest_port) = darkroom_tests::servers_for_ingest(BUCKET).await;
     let runtime = RuntimeConfig {
         nats_url: nats.url(),
         bucket: BUCKET.to_owned(),

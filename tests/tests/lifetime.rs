@@ -17,7 +17,6 @@ use darkroom_ingest::IngestConfig;
 use darkroom_shared::RuntimeConfig;
 use darkroom_tests::stand_in::StandInPipeline;
 use darkroom_tests::webhook::Receiver;
-use darkroom_tests::{NatsServer, S3Server};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -74,17 +73,7 @@ fn webhooks_for(receiver: &Receiver, job: JobId) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_upload_is_handled_once_for_as_long_as_it_stays_past_every_retention() {
-    let nats = NatsServer::start().await.unwrap();
-    let ingest_port = darkroom_tests::reserve_port().unwrap();
-    let s3 = S3Server::start(Some(&format!(
-        "http://127.0.0.1:{ingest_port}/v1/events/seaweedfs"
-    )))
-    .await
-    .unwrap();
-    let s3_client = s3.client().await;
-    darkroom_shared::s3::ensure_bucket(&s3_client, BUCKET)
-        .await
-        .unwrap();
+    let (nats, s3, s3_client, ingest_port) = darkroom_tests::servers_for_ingest(BUCKET).await;
     let runtime = RuntimeConfig {
         nats_url: nats.url(),
         s3_endpoint: Some(s3.endpoint()),

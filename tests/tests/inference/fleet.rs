@@ -163,18 +163,7 @@ async fn a_job_that_kills_every_worker_is_dead_lettered_once_and_replay_brings_i
     assert_eq!(stack.events(job, "failed").await.len(), 1);
 
     // Replayed, it renders on the healthy worker.
-    let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"))
-        .args(["replay-dlq", "--job", &job.to_string()])
-        .env("DARKROOM_NATS_URL", stack.nats.url())
-        .env("DARKROOM_BUCKET", BUCKET)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+    stack.replay_dlq(job).await;
     let completed = stack.completed(job).await;
     assert_eq!(completed.worker, "gpu-healthy");
     assert_eq!(stack.events(job, "completed").await.len(), 1);

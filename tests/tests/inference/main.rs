@@ -416,6 +416,22 @@ impl Stack {
             .map(|(record, _)| record.status)
     }
 
+    /// `darkroom replay-dlq --job <job>`, which must succeed.
+    async fn replay_dlq(&self, job: JobId) {
+        let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"))
+            .args(["replay-dlq", "--job", &job.to_string()])
+            .env("DARKROOM_NATS_URL", self.nats.url())
+            .env("DARKROOM_BUCKET", BUCKET)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            replay.status.success(),
+            "{}",
+            String::from_utf8_lossy(&replay.stderr)
+        );
+    }
+
     /// Webhook deliveries of `kind` for `job`, as the receiver got them.
     fn webhooks(&self, job: JobId, kind: &str) -> Vec<darkroom_tests::webhook::Received> {
         self.receiver
@@ -574,18 +590,7 @@ async fn a_poison_job_is_dead_lettered_others_flow_and_replay_brings_it_back() {
         &lora,
     )
     .unwrap();
-    let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_darkroom-cli"))
-        .args(["replay-dlq", "--job", &poison_job.to_string()])
-        .env("DARKROOM_NATS_URL", stack.nats.url())
-        .env("DARKROOM_BUCKET", BUCKET)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        replay.status.success(),
-        "{}",
-        String::from_utf8_lossy(&replay.stderr)
-    );
+    stack.replay_dlq(poison_job).await;
     let completed = stack.completed(poison_job).await;
     assert_eq!(completed.loras.len(), 1);
     assert_eq!(completed.loras[0].name, "house-style.safetensors");

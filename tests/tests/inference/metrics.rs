@@ -98,17 +98,7 @@ async fn scrape(port: u16) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_a_running_function() {
     let queried = queried_by_dashboard_and_rules();
-    let nats = NatsServer::start().await.unwrap();
-    let ingest_port = darkroom_tests::reserve_port().unwrap();
-    let s3 = S3Server::start(Some(&format!(
-        "http://127.0.0.1:{ingest_port}/v1/events/seaweedfs"
-    )))
-    .await
-    .unwrap();
-    let s3_client = s3.client().await;
-    darkroom_shared::s3::ensure_bucket(&s3_client, BUCKET)
-        .await
-        .unwrap();
+    let (nats, s3, s3_client, ingest_port) = darkroom_tests::servers_for_ingest(BUCKET).await;
     let js = nats.jetstream().await.unwrap();
     Topology::default().ensure(&js).await.unwrap();
 
