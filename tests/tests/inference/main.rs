@@ -42,7 +42,7 @@ const ACK_WAIT_SECS: u64 = 2;
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// Presets for the tiny model: small fixed sizes so a CPU renders in seconds.
-const PRESETS: [(&str, &str); 4] = [
+const PRESETS: [(&str, &str); 5] = [
     (
         "tiny-desk",
         r#"name = "tiny-desk"
@@ -75,6 +75,16 @@ steps = 60
 guidance = 5.0
 scheduler = "euler-a"
 resolution = { width = 512, height = 512 }
+"#,
+    ),
+    (
+        "tiny-fleet",
+        r#"name = "tiny-fleet"
+prompt = "a portrait of {subject}"
+steps = 24
+guidance = 5.0
+scheduler = "euler-a"
+resolution = { width = 384, height = 384 }
 "#,
     ),
     (
